@@ -1,0 +1,411 @@
+"""The `dynastudy` command line: sweep, run, pareto, best, describe, studies.
+
+Bad input (unknown method, dataset, sampler or key, a value out of range, malformed YAML, an unreachable
+tracking URI or storage, an unknown study) ends with one line `dynastudy: error: ...` and exit code 2, before
+anything is started or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from trainables.hparams import ConfigError
+
+EXIT_USAGE = 2
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        raise ConfigError(message.replace("\n", " "))
+
+
+# ------------------------------------------------------------------------------------------------ config input
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """A YAML (or JSON) mapping, nested or with flat dotted keys; a `config:` key (from `best`) is unwrapped."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
+    if set(data) == {"config"} or ("config" in data and "val_acc" in data):
+        data = data["config"]
+    return flatten(data)
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r} is not key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+    return out
+
+
+def fixed_keys(args: argparse.Namespace) -> dict[str, Any]:
+    """Config file, then the shortcut flags, then --set: later wins."""
+    fixed = load_config_file(args.config) if getattr(args, "config", None) else {}
+    for flag, key in (("dataset", "data.dataset"), ("epochs", "optim.epochs"), ("subset", "data.subset")):
+        if getattr(args, flag, None) is not None:
+            fixed[key] = getattr(args, flag)
+    fixed.update(parse_sets(getattr(args, "set", None)))
+    return fixed
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+def _common_tracking(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
+                                          "sqlite:///<results-dir>/mlflow.db)")
+    p.add_argument("--results-dir", help="results root (default: DYNASTUDY_HOME, else ./dynastudy-results)")
+
+
+def _uri(args: argparse.Namespace) -> tuple[Path, str]:
+    from study import paths
+    from study.tracking import default_tracking_uri
+
+    root = paths.results_dir(args.results_dir)
+    return root, args.tracking_uri or default_tracking_uri(root)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from study import paths
+    from study.runner import SweepSpec, run_sweep
+
+    fixed = fixed_keys(args)
+    if args.seed is not None and "seed" not in fixed:
+        fixed["seed"] = args.seed
+    methods = tuple(dict.fromkeys(args.method or ([fixed["method"]] if "method" in fixed else [])))
+    if not methods:
+        raise ConfigError("no method: pass --method M (repeat it to search over several) or set method in --config")
+    if len(methods) == 1:
+        fixed["method"] = methods[0]
+    root, uri = _uri(args)
+    spec = SweepSpec(
+        study=args.study, methods=methods, trials=args.trials, fixed=fixed, results_dir=root, tracking_uri=uri,
+        storage=args.storage or paths.default_storage(root),
+        data_dir=args.data_dir or os.environ.get("DYNASTUDY_DATA"), concurrency=args.concurrency,
+        sampler=args.sampler, scheduler=args.scheduler, seed=args.seed or 0, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial, max_failures=args.max_failures,
+        ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"))
+    print(f"study {spec.study}: {spec.trials} trials of {', '.join(methods)}, {spec.concurrency} at a time, "
+          f"sampler {spec.sampler}, scheduler {spec.scheduler}")
+    result = run_sweep(spec)
+    print(f"sweep done in {result.seconds:.0f}s: {result.count('complete')} complete, "
+          f"{result.count('stopped')} stopped early, {result.count('diverged') + result.count('error')} failed")
+    print(f"tracking: {uri}  (experiment {spec.study!r}, sweep run {result.parent_run_id})")
+    if result.count("complete"):
+        args.method, args.format, args.out, args.ref_macs = None, "table", None, None
+        cmd_pareto(args)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """One configuration, trained once in this process (no Ray, no Optuna), logged to MLflow."""
+    from study import paths
+    from study.runner import check_study_name
+    from study.tracking import Tracker, check_reachable
+    from trainables import data as data_lib
+    from trainables.config import TrialConfig
+    from trainables.loop import RunContext, fit
+
+    fixed = fixed_keys(args)
+    if args.method:
+        fixed["method"] = args.method
+    cfg = TrialConfig.from_flat(fixed)
+    check_study_name(args.study)
+    root, uri = _uri(args)
+    data_dir = args.data_dir or os.environ.get("DYNASTUDY_DATA")
+    data_lib.check_source(cfg.data.dataset, data_dir)
+    check_reachable(uri)
+    arrays = data_lib.load_dataset(cfg.data.dataset, data_dir, paths.cache_dir(root), cfg.data.image_size)
+    tracker = Tracker(uri)
+    exp_id = tracker.ensure_experiment(args.study, paths.artifacts_dir(root))
+    run_id = tracker.start_trial(exp_id, None, args.study, cfg, f"run-{time.strftime('%Y%m%d-%H%M%S')}", kind="run")
+    ctx = RunContext(device=args.device, threads=args.threads)
+    try:
+        for report in fit(cfg, data_lib.make_splits(arrays, cfg.data), ctx):
+            tracker.log_metrics(run_id, report.metrics, step=report.epoch)
+            print(f"epoch {report.epoch}/{report.epochs} train_loss={report.metrics['train_loss']:.4f} "
+                  f"val_acc={report.metrics['val_acc']:.4f} ({report.metrics['epoch_time_s']:.0f}s)", flush=True)
+            if report.final is not None:
+                tracker.log_final(run_id, report.final, step=report.epoch)
+                f = report.final
+                print(f"val_acc={f.val_acc:.4f} test_acc={f.test_acc:.4f} macs={f.macs / 1e6:.2f}M "
+                      f"(full network {f.cost.total / 1e6:.2f}M)  run {run_id}")
+    except BaseException as e:
+        tracker.fail(run_id, f"{type(e).__name__}: {e}")
+        raise
+    tracker.finish(run_id)
+    return 0
+
+
+def _point_records(df) -> list[dict[str, Any]]:
+    cols = ["method", "run_id", "trial", "policy", "threshold", "exit", "val_acc", "test_acc", "macs", "test_macs",
+            "params"]
+    records = []
+    for row in df[cols].to_dict(orient="records"):
+        row["threshold"] = None if row["threshold"] != row["threshold"] else row["threshold"]  # NaN -> null
+        row["exit"] = int(row["exit"])
+        records.append(row)
+    return records
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    from study import paths, queries
+    from study.tracking import Tracker
+
+    root, uri = _uri(args)
+    tracker = Tracker(uri)
+    points = queries.frontier_points(tracker, args.study, args.method, paths.cache_dir(root) / "frontiers")
+    res = queries.pareto(points, ref_macs=args.ref_macs)
+    hv = (f"hypervolume {res.hypervolume / 1e6:.4f} (accuracy x MMACs) against reference point "
+          f"(val_acc={res.ref_acc}, macs={res.ref_macs / 1e6:.2f}M); {len(res.front)} non-dominated of "
+          f"{res.points} points from {res.trials} trials")
+    fmt = args.format
+    if fmt == "table":
+        text = _front_table(res.front, args.study) + "\n" + hv
+        _emit(text, args.out)
+        return 0
+    print(hv, file=sys.stderr)
+    if fmt == "json":
+        _emit(json.dumps(_point_records(res.front), indent=1, default=float), args.out)
+    elif fmt == "csv":
+        df = res.front.copy()
+        df["params"] = df["params"].map(lambda p: json.dumps(p, sort_keys=True))
+        _emit(df.to_csv(index=False), args.out)
+    elif fmt == "parquet":
+        if not args.out:
+            raise ConfigError("--format parquet needs --out FILE")
+        df = res.front.copy()
+        df["params"] = df["params"].map(lambda p: json.dumps(p, sort_keys=True))
+        df.to_parquet(args.out, index=False)
+    return 0
+
+
+def _front_table(front, study: str) -> str:
+    lines = [f"Pareto front of study {study!r} (validation accuracy vs expected MACs per image)",
+             f"{'method':<9} {'trial':<9} {'policy':<11} {'param':>7} {'val_acc':>8} {'test_acc':>8} "
+             f"{'MMACs':>9}  run"]
+    for r in front.itertuples():
+        param = f"exit {r.exit}" if r.policy == "static" else f"{r.threshold:.4g}"
+        lines.append(f"{r.method:<9} {r.trial:<9} {r.policy:<11} {param:>7} {r.val_acc:>8.4f} {r.test_acc:>8.4f} "
+                     f"{r.macs / 1e6:>9.3f}  {r.run_id[:12]}")
+    return "\n".join(lines)
+
+
+def _emit(text: str, out: str | None) -> None:
+    if out:
+        tmp = Path(out).with_name(Path(out).name + ".tmp")
+        tmp.write_text(text if text.endswith("\n") else text + "\n")
+        tmp.replace(out)
+    else:
+        print(text)
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from study import paths, queries
+    from study.tracking import Tracker
+
+    root, uri = _uri(args)
+    points = queries.frontier_points(Tracker(uri), args.study, args.method, paths.cache_dir(root) / "frontiers")
+    point = queries.best_point(points, max_macs=args.max_macs, min_acc=args.min_acc)
+    config = queries.point_config(point)
+    summary = {"val_acc": float(point["val_acc"]), "test_acc": float(point["test_acc"]),
+               "macs": float(point["macs"]), "run_id": point["run_id"], "trial": point["trial"]}
+    if args.format == "json":
+        print(json.dumps({"config": config, **summary}, indent=1))
+    else:
+        bound = f"max-macs {args.max_macs:.4g}" if args.max_macs is not None else f"min-acc {args.min_acc}"
+        print(f"# best point of study {args.study!r} under {bound}: val_acc={summary['val_acc']:.4f} "
+              f"test_acc={summary['test_acc']:.4f} macs={summary['macs'] / 1e6:.3f}M (run {summary['run_id']})")
+        print(f"# reproduce: dynastudy run --config FILE --study {args.study}   "
+              "(or dynastudy sweep --config FILE --trials 1)")
+        print(yaml.safe_dump(config, sort_keys=False), end="")
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from trainables import cost as cost_lib
+    from trainables.config import TrialConfig
+    from trainables.methods import get_method
+
+    fixed = fixed_keys(args)
+    fixed["method"] = args.method
+    cfg = TrialConfig.from_flat(fixed)
+    dataset = cfg.data.dataset
+    if dataset == "imagefolder":
+        data_dir = args.data_dir or os.environ.get("DYNASTUDY_DATA")
+        if not data_dir or not (Path(data_dir) / "train").is_dir():
+            raise ConfigError("describe --dataset imagefolder needs --data-dir DIR with train/<class>/ folders")
+        num_classes = sum(1 for p in (Path(data_dir) / "train").iterdir() if p.is_dir())
+    else:
+        num_classes = NUM_CLASSES[dataset]
+    method = get_method(cfg.method)
+    model = method.build(cfg.model, num_classes)
+    cost = cost_lib.measure(model, cfg.data.image_size)
+    card = {"method": cfg.method, "paper": method.PAPER, "dataset": dataset, "num_classes": num_classes,
+            "image_size": cfg.data.image_size, "params": sum(p.numel() for p in model.parameters()),
+            **cost.to_dict(), "config": {k: v for k, v in cfg.to_flat().items() if k.startswith("model.")}}
+    if args.format == "json":
+        print(json.dumps(card, indent=1))
+        return 0
+    print(f"{card['method']}: {card['paper']}")
+    print(f"dataset {dataset} ({num_classes} classes, {cfg.data.image_size}px); {card['params']:,} parameters; "
+          f"{card['macs']:,} MACs per image for the whole network, every head included (FLOPs = 2 x MACs)")
+    print(f"{'exit':>4} {'cumulative MACs':>16}")
+    for e in card["exits"]:
+        print(f"{e['exit']:>4} {e['macs']:>16,}")
+    print(f"{'block':<10} {'MACs':>12}")
+    for b in card["blocks"]:
+        print(f"{b['name']:<10} {b['macs']:>12,}")
+    return 0
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    from study.tracking import Tracker, check_reachable
+
+    _, uri = _uri(args)
+    check_reachable(uri)
+    for name in Tracker(uri).studies():
+        print(name)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+def build_parser() -> argparse.ArgumentParser:
+    from study.runner import SCHEDULERS
+    from study.search import SAMPLERS
+    from trainables.config import DATASETS
+    from trainables.methods import METHODS
+
+    p = _Parser(prog="dynastudy", description="Hyperparameter studies of dynamic neural networks.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("sweep", help="run a multi-objective sweep (Ray Tune + Optuna, tracked in MLflow)")
+    s.add_argument("--method", action="append", choices=list(METHODS),
+                   help="method to sweep; repeat to make the method the first searched choice")
+    s.add_argument("--study", required=True, help="study name (= MLflow experiment = Optuna study)")
+    s.add_argument("--dataset", choices=list(DATASETS))
+    s.add_argument("--trials", type=int, default=16)
+    s.add_argument("--concurrency", type=int, default=2)
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--subset", type=int, help="class-balanced subset of the training part")
+    s.add_argument("--config", help="YAML file of fixed config keys (flat dotted keys or nested)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="fix a config key (repeatable)")
+    s.add_argument("--data-dir", help="dataset folder (default: DYNASTUDY_DATA)")
+    s.add_argument("--seed", type=int, help="sampler seed, and the trials' seed unless --set seed=...")
+    s.add_argument("--sampler", choices=list(SAMPLERS), default="tpe")
+    s.add_argument("--scheduler", choices=list(SCHEDULERS), default="fifo")
+    s.add_argument("--cpus-per-trial", type=float, default=1.0)
+    s.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.25")
+    s.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial (from its checkpoint)")
+    s.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<results-dir>/optuna.db)")
+    s.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray on loopback)")
+    _common_tracking(s)
+    s.set_defaults(func=cmd_sweep)
+
+    r = sub.add_parser("run", help="train one configuration in this process, logged to MLflow")
+    r.add_argument("--config", help="YAML file of config keys (e.g. the output of `dynastudy best`)")
+    r.add_argument("--method", choices=list(METHODS))
+    r.add_argument("--study", default="runs")
+    r.add_argument("--dataset", choices=list(DATASETS))
+    r.add_argument("--epochs", type=int)
+    r.add_argument("--subset", type=int)
+    r.add_argument("--set", action="append", metavar="KEY=VALUE")
+    r.add_argument("--data-dir")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--threads", type=int)
+    _common_tracking(r)
+    r.set_defaults(func=cmd_run)
+
+    q = sub.add_parser("pareto", help="the study's accuracy-vs-MACs Pareto front, read from MLflow")
+    q.add_argument("--study", required=True)
+    q.add_argument("--method", choices=list(METHODS))
+    q.add_argument("--format", choices=["table", "json", "csv", "parquet"], default="table")
+    q.add_argument("--out", help="write to this file instead of standard output")
+    q.add_argument("--ref-macs", type=float, help="hypervolume reference MACs (default 1.1 x the largest)")
+    _common_tracking(q)
+    q.set_defaults(func=cmd_pareto)
+
+    b = sub.add_parser("best", help="the best operating point under a budget, as a reproducible config")
+    b.add_argument("--study", required=True)
+    b.add_argument("--method", choices=list(METHODS))
+    g = b.add_mutually_exclusive_group(required=True)
+    g.add_argument("--max-macs", type=float, help="MACs budget per image (e.g. 2e7)")
+    g.add_argument("--min-acc", type=float, help="validation accuracy floor (0-1)")
+    b.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    _common_tracking(b)
+    b.set_defaults(func=cmd_best)
+
+    d = sub.add_parser("describe", help="a method's architecture card: parameters, MACs per exit and block")
+    d.add_argument("--method", required=True, choices=list(METHODS))
+    d.add_argument("--dataset", choices=list(DATASETS), default=None)
+    d.add_argument("--data-dir")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE")
+    d.add_argument("--format", choices=["json", "table"], default="table")
+    d.set_defaults(func=cmd_describe)
+
+    st = sub.add_parser("studies", help="list the studies in the tracking store")
+    _common_tracking(st)
+    st.set_defaults(func=cmd_studies)
+    return p
+
+
+def _quiet_libraries() -> None:
+    for name in ("mlflow", "alembic", "optuna", "ray", "ray.tune", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Tune status tables; one line per trial instead
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_libraries()
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except ConfigError as e:
+        print(f"dynastudy: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("dynastudy: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

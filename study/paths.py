@@ -1,0 +1,29 @@
+"""Where results go: every path is absolute and derived from one results root (`--results-dir`,
+DYNASTUDY_HOME, else ./dynastudy-results), so Ray's per-trial working directories cannot misplace anything."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+RESULTS_ENV = "DYNASTUDY_HOME"
+
+
+def results_dir(arg: str | None = None) -> Path:
+    return Path(arg or os.environ.get(RESULTS_ENV) or "dynastudy-results").expanduser().resolve()
+
+
+def cache_dir(root: Path) -> Path:
+    return root / "cache"
+
+
+def ray_dir(root: Path) -> Path:
+    return root / "ray"
+
+
+def artifacts_dir(root: Path) -> Path:
+    return root / "mlartifacts"
+
+
+def default_storage(root: Path) -> str:
+    return os.environ.get("DYNASTUDY_STORAGE") or f"sqlite:///{root / 'optuna.db'}"

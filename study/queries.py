@@ -1,0 +1,145 @@
+"""Queries over a study, read from MLflow only, so they work from any machine that can reach the tracking
+server: the trial runs, every frontier point of every trial, the non-dominated set with its hypervolume,
+and the best operating point under a MACs budget or an accuracy floor as a reproducible config.
+
+Frontier artifacts of finished runs never change, so they are cached locally by run id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from study.pareto import hypervolume, non_dominated
+from study.tracking import FRONTIER, TAG_KIND, TAG_METHOD, TAG_TRIAL, Tracker
+from trainables.hparams import ConfigError
+
+PAGE = 1000
+
+
+def _param_value(text: str) -> Any:
+    """MLflow stores params as strings; recover numbers, booleans and lists."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        if text in ("True", "False"):
+            return text == "True"
+        return text
+
+
+def study_experiment(tracker: Tracker, study: str) -> str:
+    exp_id = tracker.experiment_id(study)
+    if exp_id is None:
+        known = tracker.studies()
+        raise ConfigError(f"no study named {study!r} at {tracker.uri}; studies there: "
+                          + (", ".join(known) if known else "none"))
+    return exp_id
+
+
+def trial_runs(tracker: Tracker, study: str, method: str | None = None) -> list:
+    """Every trial run of the study (any sweep, any status), paged."""
+    exp_id = study_experiment(tracker, study)
+    flt = f"tags.`{TAG_KIND}` != 'sweep'"  # trials of sweeps and single runs
+    if method:
+        flt += f" and tags.`{TAG_METHOD}` = '{method}'"
+    runs, token = [], None
+    while True:
+        page = tracker.client.search_runs([exp_id], filter_string=flt, max_results=PAGE, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _frontier_of(tracker: Tracker, run_id: str, cache_dir: Path | None) -> pd.DataFrame | None:
+    cached = cache_dir / f"{run_id}.parquet" if cache_dir else None
+    if cached is not None and cached.exists():
+        return pd.read_parquet(cached)
+    try:
+        local = tracker.client.download_artifacts(run_id, FRONTIER)
+    except Exception:
+        return None  # a trial that failed or was stopped before its final evaluation has no frontier
+    df = pd.read_parquet(local)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        df.to_parquet(tmp, index=False)
+        tmp.replace(cached)
+    return df
+
+
+def frontier_points(tracker: Tracker, study: str, method: str | None = None,
+                    cache_dir: Path | None = None) -> pd.DataFrame:
+    """All frontier points of all finished trials, with run id, method, trial and the run's params."""
+    frames = []
+    for run in trial_runs(tracker, study, method):
+        if run.info.status != "FINISHED":
+            continue
+        df = _frontier_of(tracker, run.info.run_id, cache_dir)
+        if df is None or df.empty:
+            continue
+        df = df.copy()
+        df.insert(0, "run_id", run.info.run_id)
+        df.insert(1, "method", run.data.tags.get(TAG_METHOD, "?"))
+        df.insert(2, "trial", run.data.tags.get(TAG_TRIAL, ""))
+        params = {k: _param_value(v) for k, v in run.data.params.items()}
+        df["params"] = [params] * len(df)
+        frames.append(df)
+    if not frames:
+        raise ConfigError(f"study {study!r} has no finished trial with a frontier yet"
+                          + (f" for method {method}" if method else ""))
+    return pd.concat(frames, ignore_index=True)
+
+
+@dataclasses.dataclass
+class ParetoResult:
+    front: pd.DataFrame
+    points: int
+    trials: int
+    ref_acc: float
+    ref_macs: float
+    hypervolume: float
+
+
+def pareto(points: pd.DataFrame, ref_macs: float | None = None, ref_acc: float = 0.0) -> ParetoResult:
+    """The non-dominated (val_acc up, macs down) points, cheapest first, and their hypervolume against
+    (ref_acc, ref_macs); ref_macs defaults to 1.1 x the largest MACs among the points."""
+    acc, macs = points["val_acc"].to_numpy(float), points["macs"].to_numpy(float)
+    ref_macs = float(ref_macs if ref_macs is not None else 1.1 * np.nanmax(macs))
+    front = points[non_dominated(acc, macs)].sort_values("macs").reset_index(drop=True)
+    return ParetoResult(front, len(points), points["run_id"].nunique(), ref_acc, ref_macs,
+                        hypervolume(acc, macs, ref_acc, ref_macs))
+
+
+def best_point(points: pd.DataFrame, max_macs: float | None = None, min_acc: float | None = None) -> pd.Series:
+    """Under --max-macs: the most accurate point (fewest MACs on ties). Under --min-acc: the cheapest point
+    (most accurate on ties). Validation figures decide; test accuracy is only reported."""
+    if (max_macs is None) == (min_acc is None):
+        raise ConfigError("give exactly one of --max-macs and --min-acc")
+    if max_macs is not None:
+        ok = points[points["macs"] <= max_macs]
+        if ok.empty:
+            raise ConfigError(f"no point needs at most {max_macs:.4g} MACs; the cheapest needs "
+                              f"{points['macs'].min():.4g}")
+        return ok.sort_values(["val_acc", "macs"], ascending=[False, True]).iloc[0]
+    ok = points[points["val_acc"] >= min_acc]
+    if ok.empty:
+        raise ConfigError(f"no point reaches val_acc {min_acc}; the best reaches {points['val_acc'].max():.4f}")
+    return ok.sort_values(["macs", "val_acc"], ascending=[True, False]).iloc[0]
+
+
+def point_config(point: pd.Series) -> dict[str, Any]:
+    """The flat config that reproduces a frontier point: its run's params with the point's exit policy."""
+    cfg = dict(point["params"])
+    cfg["policy.name"] = point["policy"]
+    if point["policy"] == "static":
+        cfg["policy.exit"] = int(point["exit"])
+    else:
+        cfg["policy.threshold"] = float(point["threshold"])
+        cfg["policy.thresholds"] = []
+    return cfg

@@ -1,0 +1,277 @@
+"""Run a sweep: validate everything, load the data once, then Ray Tune trials proposed by Optuna, logged to MLflow.
+
+The only module that imports `ray.tune.Tuner`. Order matters: every check that can fail on user input (keys,
+ranges, methods, data source, tracking URI, storage URL, study directions) runs before anything is started or
+written, so bad input costs nothing. Then the dataset is decoded or read from cache once and handed to every
+trial through Ray's object store (`tune.with_parameters`), an MLflow parent run opens for this invocation, and
+Tune runs the trials with `StudySearch` (Optuna, study kept in its RDB storage so it outlives the process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import optuna
+
+from study import paths
+from study.search import METRICS, MODES, SAMPLERS, StudySearch, SweepSpace, make_sampler
+from study.tracking import TAG_FAIL, TAG_STOPPED, Tracker, check_reachable
+from trainables import data as data_lib
+from trainables.config import TrialConfig
+from trainables.hparams import ConfigError
+from trainables.loop import RunContext
+from trainables.methods import get_method
+
+SCHEDULERS = ("fifo", "asha")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    study: str
+    methods: tuple[str, ...]
+    trials: int
+    fixed: dict[str, Any]  # flat config keys fixed for every trial (never searched)
+    results_dir: Path
+    tracking_uri: str
+    storage: str
+    data_dir: str | None = None
+    concurrency: int = 2
+    sampler: str = "tpe"
+    scheduler: str = "fifo"
+    seed: int = 0
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_failures: int = 2
+    ray_address: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "fixed"}
+        out["methods"] = ",".join(self.methods)
+        out.update({f"fixed.{k}": v for k, v in self.fixed.items()})
+        return out
+
+
+@dataclasses.dataclass
+class TrialOutcome:
+    trial_id: str
+    method: str
+    status: str  # complete | stopped | diverged | error
+    val_acc: float | None
+    macs: float | None
+    seconds: float
+    run_id: str | None
+
+
+@dataclasses.dataclass
+class SweepResult:
+    parent_run_id: str
+    outcomes: list[TrialOutcome]
+    seconds: float
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+def check_study_name(name: str) -> None:
+    if not name or len(name) > 200 or any(c in name for c in "/\\'\"\n"):
+        raise ConfigError(f"study name {name!r} is not valid (1-200 characters, no quotes, slashes or newlines)")
+
+
+def check_storage(url: str, directions: list[str], study: str) -> None:
+    """The Optuna storage URL parses and, for a server, answers; an existing study has our directions."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"storage {url!r} is not a database URL (e.g. sqlite:////abs/optuna.db, "
+                          "postgresql://user@host:port/db)") from None
+    if parsed.drivername.startswith("sqlite"):
+        db = parsed.database or ""
+        if not db.startswith("/"):
+            raise ConfigError(f"storage {url!r} must name an absolute path (sqlite:////abs/optuna.db)")
+        if not Path(db).exists():
+            return
+    try:
+        storage = optuna.storages.RDBStorage(url, skip_compatibility_check=False)
+        existing = {s.study_name: s for s in storage.get_all_studies()}
+    except Exception as e:
+        raise ConfigError(f"storage {url} is unreachable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
+            from None
+    if study in existing:
+        have = [d.name.lower() for d in existing[study].directions]
+        want = ["maximize" if m == "max" else "minimize" for m in directions]
+        if have != want:
+            raise ConfigError(f"Optuna study {study!r} in {url} has directions {have}, not {want}")
+
+
+def validate(spec: SweepSpec) -> None:
+    """Every check that can fail on user input; writes nothing."""
+    check_study_name(spec.study)
+    if spec.trials < 1:
+        raise ConfigError(f"--trials={spec.trials} must be at least 1")
+    if spec.concurrency < 1:
+        raise ConfigError(f"--concurrency={spec.concurrency} must be at least 1")
+    if spec.sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {spec.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+    if spec.scheduler not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {spec.scheduler!r}; valid schedulers: {', '.join(SCHEDULERS)}")
+    if spec.cpus_per_trial <= 0 or spec.gpus_per_trial < 0:
+        raise ConfigError(f"--cpus-per-trial={spec.cpus_per_trial} must be > 0 and "
+                          f"--gpus-per-trial={spec.gpus_per_trial} >= 0")
+    if not spec.methods:
+        raise ConfigError("no --method given")
+    for m in spec.methods:
+        get_method(m)
+    fixed_method = spec.fixed.get("method")
+    if fixed_method is not None and fixed_method not in spec.methods:
+        raise ConfigError(f"the config fixes method={fixed_method}, which is not among --method {list(spec.methods)}")
+    # Every method with the fixed keys, and a few random draws of the space, must give valid configs.
+    space = SweepSpace(spec.methods, spec.fixed)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["maximize", "minimize"])
+    for m in spec.methods:
+        TrialConfig.from_flat({**spec.fixed, "method": m})
+    for _ in range(8 * len(spec.methods)):
+        trial = probe.ask()
+        constants = space(trial)
+        TrialConfig.from_flat({**spec.fixed, **trial.params, **constants})
+    datasets = {TrialConfig.from_flat({**spec.fixed, "method": m}).data for m in spec.methods}
+    for d in datasets:
+        data_lib.check_source(d.dataset, spec.data_dir)
+    check_reachable(spec.tracking_uri)
+    check_storage(spec.storage, MODES, spec.study)
+
+
+# ------------------------------------------------------------------------------------------------ progress
+
+def _progress_callback(tracker: Tracker, total: int, out: TextIO, outcomes: list[TrialOutcome]):
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        """One line per finished trial; also closes the MLflow run of a trial Tune stopped or lost."""
+
+        def _record(self, trial, status: str) -> None:
+            r = trial.last_result or {}
+            run_id = r.get("mlflow_run_id")
+            if status == "complete" and r.get("diverged"):
+                status = "diverged"
+            elif status == "complete" and not r.get("final"):
+                status = "stopped"
+            if run_id and tracker.status(run_id) == "RUNNING":
+                if status == "stopped":
+                    tracker.client.set_tag(run_id, TAG_STOPPED, f"after epoch {r.get('epoch')}")
+                    tracker.finish(run_id)
+                elif status == "error":
+                    tracker.fail(run_id, f"trial {trial.trial_id} failed: {trial.error_file or 'see the Ray log'}")
+            o = TrialOutcome(trial.trial_id, str(r.get("method", trial.config.get("method", "?"))), status,
+                             r.get("val_acc"), r.get("macs"), float(r.get("time_total_s", 0.0)), run_id)
+            outcomes.append(o)
+            acc = f"val_acc={o.val_acc:.4f}" if o.val_acc is not None else "val_acc=-"
+            macs = f"macs={o.macs / 1e6:.2f}M" if o.macs is not None else "macs=-"
+            extra = f"  ({r.get('fail_reason')})" if status == "diverged" else ""
+            print(f"[{len(outcomes)}/{total}] trial {o.trial_id} {o.method:<8} {status:<8} {acc} {macs} "
+                  f"time={o.seconds:.0f}s{extra}", file=out, flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._record(trial, "complete")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._record(trial, "error")
+
+    return Progress()
+
+
+# ------------------------------------------------------------------------------------------------ the sweep
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Connect to `address`, or start a local Ray bound to loopback. Returns whether we started one."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+        return False
+    # A plain local ray.init() binds to the machine's outward address; this keeps a single node on 127.0.0.1.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING", _node_ip_address="127.0.0.1")
+    return True
+
+
+def run_sweep(spec: SweepSpec, out: TextIO = sys.stdout) -> SweepResult:
+    validate(spec)
+    import ray
+    from ray import tune
+
+    from trainables.tune_adapter import TrialEnv, trainable
+
+    t0 = time.time()
+    cfg0 = TrialConfig.from_flat({**spec.fixed, "method": spec.methods[0]})
+    datasets = {TrialConfig.from_flat({**spec.fixed, "method": m}).data.dataset for m in spec.methods}
+    if len(datasets) > 1:
+        raise ConfigError(f"one sweep trains on one dataset, got {sorted(datasets)}")
+    print(f"loading {cfg0.data.dataset} ...", file=out, flush=True)
+    arrays = data_lib.load_dataset(cfg0.data.dataset, spec.data_dir, paths.cache_dir(spec.results_dir),
+                                   cfg0.data.image_size)
+
+    tracker = Tracker(spec.tracking_uri)
+    exp_id = tracker.ensure_experiment(spec.study, paths.artifacts_dir(spec.results_dir))
+    parent = tracker.start_sweep(exp_id, spec.study, spec.summary())
+    started = False
+    outcomes: list[TrialOutcome] = []
+    status = "FAILED"
+    try:
+        started = init_ray(spec.ray_address)
+        device = "cuda" if spec.gpus_per_trial > 0 else "cpu"
+        env = TrialEnv(study=spec.study, fixed=dict(spec.fixed), tracking_uri=spec.tracking_uri,
+                       experiment_id=exp_id, parent_run_id=parent,
+                       context=RunContext(device=device, threads=max(1, int(spec.cpus_per_trial))))
+        searcher = StudySearch(space=SweepSpace(spec.methods, spec.fixed), metric=METRICS, mode=MODES,
+                               sampler=make_sampler(spec.sampler, spec.seed),
+                               storage=optuna.storages.RDBStorage(spec.storage), study_name=spec.study)
+        scheduler = None
+        if spec.scheduler == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
+            # Scalar schedulers cannot rank two objectives: ASHA compares validation accuracy at equal epochs.
+            scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_acc", mode="max",
+                                      max_t=max(cfg0.optim.epochs, 1), grace_period=1, reduction_factor=2)
+        resources = {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(trainable, env=env, data=arrays), resources),
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.trials,
+                                        max_concurrent_trials=spec.concurrency, reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=f"{spec.study}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(paths.ray_dir(spec.results_dir)),
+                verbose=0, callbacks=[_progress_callback(tracker, spec.trials, out, outcomes)],
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
+        )
+        tuner.fit()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        result = SweepResult(parent, outcomes, time.time() - t0)
+        tracker.log_metrics(parent, {"trials_complete": result.count("complete"),
+                                     "trials_stopped": result.count("stopped"),
+                                     "trials_failed": result.count("error") + result.count("diverged"),
+                                     "sweep_time_s": result.seconds}, step=0)
+        tracker.finish(parent, status)
+        if started:
+            ray.shutdown()
+    return result
+
+
+__all__ = ["SweepSpec", "SweepResult", "run_sweep", "validate", "SCHEDULERS", "TAG_FAIL"]

@@ -1,0 +1,198 @@
+"""MLflow layout of a study: every name, tag and metric key the platform writes or reads is defined here.
+
+  experiment      one per study (its name), artifacts under the results root for local stores
+  sweep run       one parent run per `dynastudy sweep` invocation (tag dynastudy.kind=sweep)
+  trial run       one child run per trial (tag mlflow.parentRunId), created inside the trial so it can log
+                  artifacts; params = the flat resolved config; tags: study, method, trial, config hash, node
+  metrics         per epoch (step = epoch): train_loss, val_acc, macs, epoch_time_s, images_per_s, lr,
+                  val_acc_exit_<k>; at the end: val_acc, test_acc, macs, test_macs, macs_full,
+                  val_acc_exit_<k>, test_acc_exit_<k>, macs_exit_<k>, exit_fraction_<k>
+  artifacts       frontier.parquet (every operating point of the exit-policy grid), cost.json, config.yaml
+
+Only the MlflowClient API is used (no global active run), so several trials can log from one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from trainables.hparams import ConfigError
+
+TAG_STUDY = "dynastudy.study"
+TAG_KIND = "dynastudy.kind"  # sweep | trial | run
+TAG_METHOD = "dynastudy.method"
+TAG_TRIAL = "dynastudy.trial"
+TAG_HASH = "dynastudy.config_hash"
+TAG_NODE = "dynastudy.node"
+TAG_FAIL = "dynastudy.fail_reason"
+TAG_STOPPED = "dynastudy.stopped_early"
+TAG_PARENT = "mlflow.parentRunId"
+FRONTIER = "frontier.parquet"
+COST = "cost.json"
+CONFIG = "config.yaml"
+
+
+def default_tracking_uri(results_dir: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{results_dir / 'mlflow.db'}"
+
+
+def is_local(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail with one line unless `uri` is a usable MLflow tracking URI. Writes nothing."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else ("file" if uri.startswith("/") else "")
+    valid = ("sqlite", "file", "http", "https", "postgresql", "postgresql+psycopg2", "mysql", "mysql+pymysql",
+             "databricks")
+    if scheme not in valid:
+        raise ConfigError(f"tracking URI {uri!r} has no known scheme; valid: sqlite:////abs/path.db, "
+                          "http(s)://host:port, postgresql://..., file:///abs/dir")
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+                r.read()
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise ConfigError(f"tracking server {uri} is unreachable ({reason}); start it or pass another "
+                              "--tracking-uri") from None
+    elif scheme == "sqlite":
+        path = uri.split("sqlite:///", 1)[-1]
+        if not path.startswith("/"):
+            raise ConfigError(f"tracking URI {uri!r} must name an absolute path (sqlite:////abs/path.db)")
+        parent = Path(path).parent
+        while not parent.exists():
+            parent = parent.parent
+        if not os.access(parent, os.W_OK):
+            raise ConfigError(f"tracking URI {uri!r}: {parent} is not writable")
+
+
+class Tracker:
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+
+    # ------------------------------------------------------------------ experiments and sweeps
+    def experiment_id(self, study: str) -> str | None:
+        exp = self.client.get_experiment_by_name(study)
+        return exp.experiment_id if exp is not None and exp.lifecycle_stage == "active" else None
+
+    def ensure_experiment(self, study: str, artifact_root: Path | None) -> str:
+        exp_id = self.experiment_id(study)
+        if exp_id is not None:
+            return exp_id
+        location = (artifact_root / study).resolve().as_uri() if artifact_root is not None and is_local(self.uri) \
+            else None
+        try:
+            return self.client.create_experiment(study, artifact_location=location, tags={TAG_STUDY: study})
+        except Exception:  # another process created it first
+            exp_id = self.experiment_id(study)
+            if exp_id is None:
+                raise
+            return exp_id
+
+    def studies(self) -> list[str]:
+        return sorted(e.name for e in self.client.search_experiments(filter_string=f"tags.`{TAG_STUDY}` != ''"))
+
+    def start_sweep(self, exp_id: str, study: str, params: dict[str, Any]) -> str:
+        run = self.client.create_run(exp_id, run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+                                     tags={TAG_STUDY: study, TAG_KIND: "sweep", TAG_NODE: node_name()})
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    # ------------------------------------------------------------------ trials
+    def find_trial(self, exp_id: str, parent_run_id: str, trial_id: str) -> str | None:
+        """The run already made for this trial (a retried trial must not make a second one)."""
+        runs = self.client.search_runs([exp_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' and "
+                                                               f"tags.`{TAG_TRIAL}` = '{trial_id}'", max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def start_trial(self, exp_id: str, parent_run_id: str | None, study: str, cfg, trial_id: str,
+                    kind: str = "trial") -> str:
+        tags = {TAG_STUDY: study, TAG_KIND: kind, TAG_METHOD: cfg.method, TAG_TRIAL: trial_id,
+                TAG_HASH: cfg.config_hash(), TAG_NODE: node_name()}
+        if parent_run_id:
+            tags[TAG_PARENT] = parent_run_id
+        run = self.client.create_run(exp_id, run_name=f"{trial_id}-{cfg.method}-{cfg.config_hash()[:8]}", tags=tags)
+        run_id = run.info.run_id
+        self.log_params(run_id, cfg.to_flat())
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / CONFIG
+            path.write_text(yaml.safe_dump(cfg.to_flat(), sort_keys=False))
+            self.client.log_artifact(run_id, str(path))
+        return run_id
+
+    def resume_trial(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k, _param_str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i:i + 1000])
+
+    def log_final(self, run_id: str, final, step: int) -> None:
+        """The trial's result: operating point, per-exit accuracy and cost, the frontier and the cost card."""
+        metrics = {"val_acc": final.val_acc, "test_acc": final.test_acc, "macs": final.macs,
+                   "test_macs": final.test_macs, "macs_full": final.cost.total}
+        for k, m in enumerate(final.cost.exits):
+            metrics[f"macs_exit_{k}"] = m
+            metrics[f"val_acc_exit_{k}"] = final.exit_val_acc[k]
+            metrics[f"test_acc_exit_{k}"] = final.exit_test_acc[k]
+            metrics[f"exit_fraction_{k}"] = final.val_exit_fractions[k]
+        self.log_metrics(run_id, metrics, step)
+        with tempfile.TemporaryDirectory() as d:
+            final.frontier.to_parquet(Path(d) / FRONTIER, index=False)
+            (Path(d) / COST).write_text(json.dumps(final.cost.to_dict(), indent=1))
+            self.client.log_artifact(run_id, str(Path(d) / FRONTIER))
+            self.client.log_artifact(run_id, str(Path(d) / COST))
+
+    def fail(self, run_id: str, reason: str) -> None:
+        self.client.set_tag(run_id, TAG_FAIL, reason[:5000])
+        self.client.set_terminated(run_id, "FAILED")
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
+
+
+def node_name() -> str:
+    """Which machine a run ran on: the Ray node address where there is one, else the host name."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:
+        pass
+    return socket.gethostname()
+
+
+def _param_str(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return json.dumps(list(v))
+    return str(v)
+
+
+def iter_chunks(items: list, n: int) -> Iterable[list]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]

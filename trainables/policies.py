@@ -1,0 +1,113 @@
+"""Exit policies evaluated on cached per-exit softmax outputs, with no model call.
+
+One pass over a split gives `ExitCache` (softmax of every exit for every sample); every policy is then a
+vectorised function of the cache returning, per sample, the exit it leaves at. Expected MACs are
+sum_k (fraction exiting at k) x cumulative MACs of exit k (heads of earlier exits included, see cost.py).
+
+Policies:
+  confidence  exit at the first k whose max-softmax >= tau_k (one tau shared, or one per exit); the last exit
+              takes everyone left (BranchyNet/MSDNet-style early exit).
+  static      every sample takes exit k (truncating the network there).
+
+A trial's frontier is a grid of both, each row naming the policy and parameter that produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+# Shared-threshold grid of the confidence frontier: dense near 1, where early exits start to cost accuracy.
+CONFIDENCE_GRID = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 13),
+                                                 [0.92, 0.94, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999, 0.9999]]), 6))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitCache:
+    """Softmax outputs of every exit on one split: probs[k, n, c], with the labels."""
+
+    probs: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.probs.ndim != 3 or self.probs.shape[1] != len(self.labels):
+            raise ValueError(f"probs must be [exits, samples, classes] matching {len(self.labels)} labels, "
+                             f"got {self.probs.shape}")
+
+    @property
+    def num_exits(self) -> int:
+        return self.probs.shape[0]
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probs.max(axis=2)
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.probs.argmax(axis=2) == self.labels[None, :]
+
+
+def confidence_exits(cache: ExitCache, thresholds: Sequence[float] | float) -> np.ndarray:
+    """The exit each sample leaves at under the confidence policy."""
+    k = cache.num_exits
+    tau = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (k,)) if np.ndim(thresholds) == 0 \
+        else np.asarray(thresholds, dtype=np.float64)
+    if tau.shape != (k,):
+        raise ValueError(f"{len(tau)} thresholds for {k} exits")
+    passes = cache.confidence >= tau[:, None]
+    passes[-1] = True  # the last exit answers for everyone still in the network
+    return passes.argmax(axis=0)
+
+
+def static_exits(cache: ExitCache, exit: int) -> np.ndarray:
+    n = len(cache.labels)
+    return np.full(n, exit % cache.num_exits, dtype=np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    acc: float
+    macs: float
+    exit_fractions: tuple[float, ...]
+
+
+def evaluate(cache: ExitCache, exits: np.ndarray, cum_macs: Sequence[int]) -> Outcome:
+    """Accuracy and expected MACs per sample when sample n leaves at exits[n]."""
+    n = len(cache.labels)
+    if n == 0:
+        return Outcome(float("nan"), float("nan"), tuple(0.0 for _ in cum_macs))
+    correct = cache.correct[exits, np.arange(n)]
+    fractions = np.bincount(exits, minlength=cache.num_exits) / n
+    return Outcome(float(correct.mean()), float(fractions @ np.asarray(cum_macs, dtype=np.float64)),
+                   tuple(float(f) for f in fractions))
+
+
+def exits_for(policy, cache: ExitCache) -> np.ndarray:
+    """The exits chosen by a `PolicyHparams` (name, threshold(s), exit)."""
+    if policy.name == "static":
+        return static_exits(cache, policy.exit)
+    if policy.name == "confidence":
+        return confidence_exits(cache, policy.thresholds if policy.thresholds else policy.threshold)
+    raise ValueError(f"unknown policy {policy.name!r}")
+
+
+def frontier(val: ExitCache, test: ExitCache | None, cum_macs: Sequence[int],
+             grid: Sequence[float] = CONFIDENCE_GRID) -> pd.DataFrame:
+    """Every operating point of the policy grid: static exits, then shared confidence thresholds.
+
+    Columns: policy, threshold (NaN for static), exit (-1 for confidence), val_acc, macs (expected on the
+    validation split: what search and queries compare), test_acc and test_macs (reported only)."""
+    rows = []
+    choices = [("static", float("nan"), k) for k in range(val.num_exits)]
+    if val.num_exits > 1:
+        choices += [("confidence", float(t), -1) for t in grid]
+    for name, tau, k in choices:
+        pick = (lambda c: static_exits(c, k)) if name == "static" else (lambda c: confidence_exits(c, tau))
+        v = evaluate(val, pick(val), cum_macs)
+        t = evaluate(test, pick(test), cum_macs) if test is not None else Outcome(float("nan"), float("nan"), ())
+        rows.append({"policy": name, "threshold": tau, "exit": k, "val_acc": v.acc, "macs": v.macs,
+                     "test_acc": t.acc, "test_macs": t.macs})
+    return pd.DataFrame(rows)
