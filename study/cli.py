@@ -387,11 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    for name in ("mlflow", "alembic", "optuna", "ray", "ray.tune", "urllib3"):
+    """One line per trial instead of Tune's status tables, MLflow's INFO lines and progress bars."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    for name in ("alembic", "optuna", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Tune status tables; one line per trial instead
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

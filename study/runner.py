@@ -10,6 +10,7 @@ Tune runs the trials with `StudySearch` (Optuna, study kept in its RDB storage s
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 import time
@@ -19,7 +20,7 @@ from typing import Any, TextIO
 import optuna
 
 from study import paths
-from study.search import METRICS, MODES, SAMPLERS, StudySearch, SweepSpace, make_sampler
+from study.search import METRICS, MODES, SAMPLERS, SweepSpace, make_sampler
 from study.tracking import TAG_FAIL, TAG_STOPPED, Tracker, check_reachable
 from trainables import data as data_lib
 from trainables.config import TrialConfig
@@ -192,6 +193,18 @@ def _progress_callback(tracker: Tracker, total: int, out: TextIO, outcomes: list
 
 # ------------------------------------------------------------------------------------------------ the sweep
 
+def _local_ray_env() -> None:
+    """A plain local ray.init() binds its services to the machine's outward address. With this setting (read
+    once, when Ray is imported) a single local node uses 127.0.0.1 for everything."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if "ray" in sys.modules:
+        from ray._private import ray_constants
+
+        if ray_constants.ENABLE_RAY_CLUSTER:
+            print("warning: Ray was imported before dynastudy could bind it to loopback; the local Ray may listen "
+                  "on all addresses", file=sys.stderr)
+
+
 def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
     """Connect to `address`, or start a local Ray bound to loopback. Returns whether we started one."""
     import ray
@@ -201,18 +214,21 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False, logging_level="WARNING")
         return False
-    # A plain local ray.init() binds to the machine's outward address; this keeps a single node on 127.0.0.1.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # The token-authentication notice on every local start says nothing actionable.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             logging_level="WARNING", _node_ip_address="127.0.0.1")
+             logging_level="WARNING")
     return True
 
 
 def run_sweep(spec: SweepSpec, out: TextIO = sys.stdout) -> SweepResult:
     validate(spec)
+    if not spec.ray_address:
+        _local_ray_env()
     import ray
     from ray import tune
 
+    from study.searcher import StudySearch
     from trainables.tune_adapter import TrialEnv, trainable
 
     t0 = time.time()

@@ -1,11 +1,6 @@
-"""Optuna behind Ray Tune: samplers by name, the define-by-run space of a sweep, and a searcher that tells
-Optuna what really happened to each trial.
+"""Optuna behind Ray Tune: samplers by name and the define-by-run space of a sweep. No Ray import here
+(see `study/searcher.py`), so the runner can set Ray's environment before Ray is first imported.
 
-Ray's `OptunaSearch` tells every trial COMPLETE with its last reported values, including trials an ASHA
-scheduler stopped after one epoch; in a multi-objective study that pulls the sampler toward configurations that
-were never trained to the end (platforms.md section 5, pain point 3). `StudySearch` tells such a trial PRUNED
-(its partial values kept as user attributes) and a diverged trial FAIL with its reason, and records the MLflow
-run id and config hash on every Optuna trial, so the two stores can be joined.
 """
 
 from __future__ import annotations
@@ -14,7 +9,6 @@ import re
 from typing import Any, Sequence
 
 import optuna
-from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import get_space
 from trainables.hparams import ConfigError
@@ -77,29 +71,3 @@ class SweepSpace:
         method = self.methods[0] if len(self.methods) == 1 else t.suggest_categorical("method", self.methods)
         constants = get_space(method)(t) or {}
         return {"method": method, **{k: v for k, v in constants.items() if not is_fixed(k, self.fixed)}}
-
-
-class StudySearch(OptunaSearch):
-    """OptunaSearch that tells Optuna PRUNED for early-stopped trials and FAIL for diverged ones."""
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or trial_id in self._completed_trials or not result:
-            return super().on_trial_complete(trial_id, result, error)
-        for key in ("mlflow_run_id", "config_hash", "method"):
-            if key in result:
-                ot_trial.set_user_attr(key, result[key])
-        state = None
-        if result.get("diverged"):
-            ot_trial.set_user_attr("fail_reason", str(result.get("fail_reason", "diverged")))
-            state = optuna.trial.TrialState.FAIL
-        elif not error and not result.get("final"):
-            ot_trial.set_user_attr("stopped_at_epoch", int(result.get("epoch", 0)))
-            for m in self.metric:
-                if m in result:
-                    ot_trial.set_user_attr(f"{m}_at_stop", float(result[m]))
-            state = optuna.trial.TrialState.PRUNED
-        if state is None:
-            return super().on_trial_complete(trial_id, result, error)
-        self._ot_study.tell(ot_trial, None, state=state)
-        self._completed_trials.add(trial_id)
