@@ -186,9 +186,10 @@ def _point_records(df) -> list[dict[str, Any]]:
 
 def cmd_pareto(args: argparse.Namespace) -> int:
     from study import paths, queries
-    from study.tracking import Tracker
+    from study.tracking import Tracker, check_readable
 
     root, uri = _uri(args)
+    check_readable(uri)
     tracker = Tracker(uri)
     points = queries.frontier_points(tracker, args.study, args.method, paths.cache_dir(root) / "frontiers")
     res = queries.pareto(points, ref_macs=args.ref_macs)
@@ -238,9 +239,10 @@ def _emit(text: str, out: str | None) -> None:
 
 def cmd_best(args: argparse.Namespace) -> int:
     from study import paths, queries
-    from study.tracking import Tracker
+    from study.tracking import Tracker, check_readable
 
     root, uri = _uri(args)
+    check_readable(uri)
     points = queries.frontier_points(Tracker(uri), args.study, args.method, paths.cache_dir(root) / "frontiers")
     point = queries.best_point(points, max_macs=args.max_macs, min_acc=args.min_acc)
     config = queries.point_config(point)
@@ -296,10 +298,10 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    from study.tracking import Tracker, check_reachable
+    from study.tracking import Tracker, check_readable
 
     _, uri = _uri(args)
-    check_reachable(uri)
+    check_readable(uri)
     for name in Tracker(uri).studies():
         print(name)
     return 0
@@ -391,6 +393,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune warns when per-epoch checkpoints of short trials trigger frequent experiment snapshots; expected here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     for name in ("alembic", "optuna", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -167,12 +167,15 @@ def _progress_callback(tracker: Tracker, total: int, out: TextIO, outcomes: list
                 status = "diverged"
             elif status == "complete" and not r.get("final"):
                 status = "stopped"
+            # Tune may end a trial right after its last report (a scheduler's stop, even at the final epoch),
+            # before the trainable closes its run: close it here, whatever happened.
             if run_id and tracker.status(run_id) == "RUNNING":
                 if status == "stopped":
                     tracker.client.set_tag(run_id, TAG_STOPPED, f"after epoch {r.get('epoch')}")
-                    tracker.finish(run_id)
-                elif status == "error":
+                if status == "error":
                     tracker.fail(run_id, f"trial {trial.trial_id} failed: {trial.error_file or 'see the Ray log'}")
+                else:
+                    tracker.finish(run_id)
             o = TrialOutcome(trial.trial_id, str(r.get("method", trial.config.get("method", "?"))), status,
                              r.get("val_acc"), r.get("macs"), float(r.get("time_total_s", 0.0)), run_id)
             outcomes.append(o)
@@ -232,6 +235,9 @@ def run_sweep(spec: SweepSpec, out: TextIO = sys.stdout) -> SweepResult:
     from trainables.tune_adapter import TrialEnv, trainable
 
     t0 = time.time()
+    for url in (spec.tracking_uri, spec.storage):  # validated: now the folders of SQLite files may be made
+        if url.startswith("sqlite:///"):
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     cfg0 = TrialConfig.from_flat({**spec.fixed, "method": spec.methods[0]})
     datasets = {TrialConfig.from_flat({**spec.fixed, "method": m}).data.dataset for m in spec.methods}
     if len(datasets) > 1:

@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 from mlflow.entities import Metric, Param, RunTag
@@ -77,6 +77,16 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             parent = parent.parent
         if not os.access(parent, os.W_OK):
             raise ConfigError(f"tracking URI {uri!r}: {parent} is not writable")
+
+
+def check_readable(uri: str) -> None:
+    """For commands that only read: the store must exist already (opening an SQLite URI would create it)."""
+    check_reachable(uri)
+    if uri.startswith("sqlite:"):
+        path = uri.split("sqlite:///", 1)[-1]
+        if not Path(path).is_file():
+            raise ConfigError(f"no tracking store at {uri} (no sweep has written there yet); pass --tracking-uri "
+                              "or --results-dir of an existing study")
 
 
 class Tracker:
@@ -192,7 +202,3 @@ def _param_str(v: Any) -> str:
         return json.dumps(list(v))
     return str(v)
 
-
-def iter_chunks(items: list, n: int) -> Iterable[list]:
-    for i in range(0, len(items), n):
-        yield items[i:i + n]

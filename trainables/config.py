@@ -133,8 +133,8 @@ class TrialConfig:
     def replace(self, **flat: Any) -> "TrialConfig":
         """A copy with some flat keys changed, parsed as strictly as the original."""
         merged = self.to_flat()
-        for key in list(merged):  # an element-wise override replaces the whole list
-            if any(k.startswith(key + ".") for k in flat):
-                del merged[key]
+        for key in list(merged):  # an element-wise override changes one element of the list
+            if isinstance(merged[key], list) and any(k.startswith(key + ".") for k in flat):
+                merged.update({f"{key}.{i}": v for i, v in enumerate(merged.pop(key))})
         merged.update(flat)
         return TrialConfig.from_flat(merged)

@@ -122,7 +122,7 @@ def build_group(cls: type[Hparams], prefix: str, values: Mapping[str, Any]) -> H
     valid = cls.field_names()
     for name in values:
         if name not in valid:
-            raise ConfigError(f"unknown config key {prefix}{name!r}; valid keys: "
+            raise ConfigError(f"unknown config key {prefix + name!r}; valid keys: "
                               + ", ".join(prefix + v for v in valid))
     hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(prefix + name, v, hints[name]) for name, v in values.items()}

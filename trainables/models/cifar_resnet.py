@@ -12,7 +12,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-DEPTHS = (20, 32, 44, 56, 110)
+DEPTHS = (20, 32, 56, 110)
 WIDTHS = (16, 32, 64)
 
 

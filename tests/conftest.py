@@ -1,0 +1,39 @@
+"""Shared fixtures: seeded synthetic data for fast CPU tests, and the real CIFAR-10 folder for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainables.config import DataHparams
+from trainables.data import make_splits, synthetic
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_splits():
+    """A small synthetic train/val/test split (10 classes, 32x32)."""
+    return make_splits(synthetic(n_train=400, n_test=100), DataHparams(dataset="synthetic", val_size=100))
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path:
+    """The folder holding cifar10-jpeg.tar.gz (DYNASTUDY_DATA, else ../shared/data beside the checkout)."""
+    candidates = [os.environ.get("DYNASTUDY_DATA"), str(Path(__file__).resolve().parents[2] / "shared" / "data")]
+    for c in candidates:
+        if c and (Path(c) / "cifar10-jpeg.tar.gz").is_file():
+            return Path(c)
+    message = f"real CIFAR-10 not found (looked in {[c for c in candidates if c]}); set DYNASTUDY_DATA"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory) -> Path:
+    """One dataset cache for the whole session, so CIFAR-10 is decoded once."""
+    return tmp_path_factory.mktemp("cache")

@@ -1,0 +1,83 @@
+"""The command line: bad input is one line on stderr, exit code 2, and nothing written; `describe` cards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from study.cli import main
+
+
+def _sweep(tmp_path, *extra):
+    return ["sweep", "--method", "elastic", "--study", "s", "--dataset", "synthetic", "--trials", "1",
+            "--results-dir", str(tmp_path / "res"), *extra]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--set", "optim.lrr=1"], "unknown config key 'optim.lrr'; valid keys: optim.epochs"),
+    (["--set", "optim.lr=50"], "optim.lr=50.0 is outside the allowed range [1e-06, 10.0]"),
+    (["--set", "model.depth=21"], "model.depth=21 is not one of: 20, 32, 56, 110"),
+    (["--set", "nokey"], "--set 'nokey' is not key=value"),
+    (["--sampler", "cmaes"], "invalid choice: 'cmaes'"),
+    (["--scheduler", "pbt"], "invalid choice: 'pbt'"),
+    (["--trials", "0"], "--trials=0 must be at least 1"),
+    (["--tracking-uri", "http://127.0.0.1:9"], "tracking server http://127.0.0.1:9 is unreachable"),
+    (["--tracking-uri", "bogus://x"], "tracking URI 'bogus://x' has no known scheme"),
+    (["--storage", "not a url"], "storage 'not a url' is not a database URL"),
+    (["--storage", "sqlite:///relative.db"], "must name an absolute path"),
+])
+def test_bad_sweep_input(tmp_path, capsys, extra, fragment):
+    assert main(_sweep(tmp_path, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dynastudy: error: ") and fragment in err and "\n" not in err
+    assert not (tmp_path / "res").exists()
+
+
+def test_unknown_method_and_dataset(tmp_path, capsys):
+    assert main(["sweep", "--method", "nope", "--study", "s", "--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'nope' (choose from" in err and "resnet" in err and "elastic" in err
+    assert main(["describe", "--method", "resnet", "--dataset", "mnist"]) == 2
+    assert "invalid choice: 'mnist'" in capsys.readouterr().err
+
+
+def test_malformed_yaml_and_missing_data(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: [0.1\n")
+    assert main(_sweep(tmp_path, "--config", str(bad))) == 2
+    assert "is not valid YAML at line" in capsys.readouterr().err
+    monkeypatch.setenv("DYNASTUDY_OFFLINE", "1")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = ["sweep", "--method", "resnet", "--study", "s", "--dataset", "cifar10", "--data-dir", str(empty),
+            "--results-dir", str(tmp_path / "res")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"no cifar10 data in {empty}" in err and "DYNASTUDY_DATA" in err
+    assert not (tmp_path / "res").exists() and not any(empty.iterdir())
+
+
+def test_queries_on_missing_store_or_study(tmp_path, capsys):
+    for cmd in (["pareto", "--study", "nope"], ["best", "--study", "nope", "--max-macs", "1e7"]):
+        assert main([*cmd, "--results-dir", str(tmp_path / "res")]) == 2
+        assert "no tracking store at sqlite:///" in capsys.readouterr().err
+    assert not (tmp_path / "res").exists()
+    assert main(["best", "--study", "x", "--results-dir", str(tmp_path)]) == 2
+    assert "one of the arguments --max-macs --min-acc is required" in capsys.readouterr().err
+
+
+def test_describe_json_card(capsys):
+    assert main(["describe", "--method", "elastic", "--set", "model.depth=32", "--format", "json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["method"] == "elastic" and len(card["exits"]) == 15
+    assert card["exits"][-1]["macs"] == card["macs"] == sum(b["macs"] for b in card["blocks"])
+    assert card["params"] > 0 and [e["exit"] for e in card["exits"]] == list(range(15))
+
+
+def test_console_script_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "study.cli", "pareto", "--study", "x", "--results-dir",
+                        str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stdout == ""

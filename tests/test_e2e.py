@@ -1,0 +1,133 @@
+"""End to end through the real stack: the `dynastudy` command, local Ray, Optuna in SQLite, MLflow in SQLite.
+
+The first test sweeps real CIFAR-10 (a small subset, one epoch) and checks MLflow through `mlflow.search_runs`,
+`pareto --format json`, `best`, replaying the best config with `run`, and the Optuna study. The second runs
+ASHA over two methods on synthetic data and checks that early-stopped trials are PRUNED in Optuna and closed in
+MLflow, and that a second sweep continues the same study.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+from trainables.config import TrialConfig
+
+pytestmark = pytest.mark.e2e
+
+
+def dynastudy(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    # mlflow.set_tracking_uri() in this process also sets MLFLOW_TRACKING_URI: the command must not inherit it.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONUNBUFFERED"] = "1"
+    r = subprocess.run([sys.executable, "-m", "study.cli", *args], capture_output=True, text=True, env=env,
+                       timeout=timeout)
+    assert r.returncode == 0, f"dynastudy {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def search_runs(uri: str, experiment: str, filter_string: str = "") -> list:
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.search_runs(experiment_names=[experiment], filter_string=filter_string, output_format="list")
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def test_real_sweep_on_cifar10(tmp_path, cifar_dir):
+    res = tmp_path / "res"
+    uri = f"sqlite:///{res}/mlflow.db"
+    out = dynastudy("sweep", "--method", "elastic", "--study", "e2e", "--dataset", "cifar10", "--data-dir",
+                    str(cifar_dir), "--subset", "500", "--epochs", "1", "--trials", "4", "--concurrency", "2",
+                    "--set", "model.depth=20", "--set", "data.val_size=1000", "--set", "data.test_subset=1000",
+                    "--results-dir", str(res)).stdout
+    assert "[4/4] trial" in out and "4 complete" in out and "Pareto front of study 'e2e'" in out
+
+    # MLflow: one parent run, four child runs with the whole layout.
+    runs = search_runs(uri, "e2e")
+    parents = [r for r in runs if r.data.tags.get("dynastudy.kind") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("dynastudy.kind") == "trial"]
+    assert len(parents) == 1 and len(trials) == 4
+    parent_id = parents[0].info.run_id
+    assert parents[0].info.status == "FINISHED" and parents[0].data.metrics["trials_complete"] == 4
+    client = mlflow.MlflowClient(uri)
+    keys = set(TrialConfig.valid_keys("elastic"))
+    for run in trials:
+        tags, metrics = run.data.tags, run.data.metrics
+        assert run.info.status == "FINISHED" and tags["mlflow.parentRunId"] == parent_id
+        assert tags["dynastudy.study"] == "e2e" and tags["dynastudy.method"] == "elastic"
+        assert tags["dynastudy.trial"] and len(tags["dynastudy.config_hash"]) == 12
+        assert set(run.data.params) == keys
+        cfg = TrialConfig.from_flat({k: yaml.safe_load(v) for k, v in run.data.params.items()})
+        assert cfg.config_hash() == tags["dynastudy.config_hash"] and cfg.data.subset == 500
+        for k in range(9):
+            assert 0 <= metrics[f"val_acc_exit_{k}"] <= 1 and metrics[f"macs_exit_{k}"] > 0
+        assert metrics["macs_exit_8"] == metrics["macs_full"] == 40_815_904
+        assert 0 < metrics["macs"] <= metrics["macs_full"] and 0 <= metrics["test_acc"] <= 1
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"frontier.parquet", "cost.json", "config.yaml"} <= names
+
+    # pareto --format json reads the frontiers back from MLflow.
+    points = json.loads(dynastudy("pareto", "--study", "e2e", "--format", "json", "--results-dir", str(res)).stdout)
+    assert points and {"method", "run_id", "val_acc", "test_acc", "macs", "params", "policy"} <= set(points[0])
+    assert all(a["macs"] <= b["macs"] and a["val_acc"] < b["val_acc"] for a, b in zip(points, points[1:]))
+    assert {p["run_id"] for p in points} <= {r.info.run_id for r in trials}
+
+    # best under a budget, as a config that replays.
+    budget = 2.5e7
+    best = json.loads(dynastudy("best", "--study", "e2e", "--max-macs", str(budget), "--format", "json",
+                                "--results-dir", str(res)).stdout)
+    assert best["macs"] <= budget
+    frontier_max = max(p["val_acc"] for p in points if p["macs"] <= budget)
+    assert best["val_acc"] == pytest.approx(frontier_max)
+    cfg_file = tmp_path / "best.yaml"
+    cfg_file.write_text(dynastudy("best", "--study", "e2e", "--max-macs", str(budget),
+                                  "--results-dir", str(res)).stdout)
+    replay = TrialConfig.from_flat(yaml.safe_load(cfg_file.read_text()))
+    assert replay.policy.name in ("static", "confidence")
+    run_out = dynastudy("run", "--config", str(cfg_file), "--study", "e2e", "--data-dir", str(cifar_dir),
+                        "--threads", "2", "--results-dir", str(res)).stdout
+    assert "test_acc=" in run_out
+    replays = search_runs(uri, "e2e", "tags.`dynastudy.kind` = 'run'")
+    assert len(replays) == 1 and replays[0].data.tags["dynastudy.config_hash"] == replay.config_hash()
+    assert replays[0].data.metrics["macs"] <= budget * 1.5  # same operating point, re-trained
+
+    # Optuna: every trial COMPLETE with both objectives, joined to MLflow by run id.
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{res}/optuna.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {r.info.run_id for r in trials}
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+
+
+def test_asha_prunes_and_a_second_sweep_continues_the_study(tmp_path):
+    res = tmp_path / "res"
+    common = ["--method", "elastic", "--method", "resnet", "--study", "asha", "--dataset", "synthetic",
+              "--set", "data.val_size=200", "--set", "model.depth=20", "--set", "data.subset=600",
+              "--results-dir", str(res)]
+    # 8 trials of 3 epochs: ASHA (grace 1, reduction 2) compares them at epochs 1 and 2.
+    out = dynastudy("sweep", *common, "--trials", "8", "--epochs", "3", "--scheduler", "asha", "--sampler",
+                    "random").stdout
+    assert "[8/8] trial" in out
+    storage = f"sqlite:///{res}/optuna.db"
+    trials = optuna.load_study(study_name="asha", storage=storage).trials
+    states = [t.state.name for t in trials]
+    assert set(states) <= {"COMPLETE", "PRUNED"} and "PRUNED" in states and "COMPLETE" in states
+    assert all(t.params["method"] in ("elastic", "resnet") for t in trials)
+    runs = search_runs(f"sqlite:///{res}/mlflow.db", "asha", "tags.`dynastudy.kind` = 'trial'")
+    assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
+    stopped = {r.info.run_id for r in runs if "dynastudy.stopped_early" in r.data.tags}
+    pruned = {t.user_attrs["mlflow_run_id"] for t in trials if t.state.name == "PRUNED"}
+    assert stopped == pruned
+
+    dynastudy("sweep", *common, "--trials", "2", "--epochs", "1", "--seed", "1")
+    assert len(optuna.load_study(study_name="asha", storage=storage).trials) == 10

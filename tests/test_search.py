@@ -1,0 +1,79 @@
+"""Search spaces (every registered one) and the searcher's reporting to Optuna, on real Optuna studies."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from search_spaces import SPACES
+from study.search import SweepSpace, make_sampler
+from trainables.config import TrialConfig
+from trainables.hparams import ConfigError
+from trainables.methods import METHODS
+
+
+def test_every_method_has_a_space():
+    assert set(SPACES) == set(METHODS)
+
+
+@pytest.mark.parametrize("method", list(SPACES))
+def test_random_draws_give_valid_configs(method):
+    space = SweepSpace([method], {})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1), directions=["maximize", "minimize"])
+    for _ in range(20):
+        trial = study.ask()
+        constants = space(trial)
+        cfg = TrialConfig.from_flat({**trial.params, **constants})
+        assert cfg.method == method
+        study.tell(trial, [0.5, 1.0])
+
+
+def test_fixed_keys_are_not_searched():
+    fixed = {"model.depth": 56, "model.weights": "independent", "model.exit_weights": [0.5] * 27}
+    space = SweepSpace(["elastic"], fixed)
+    trial = optuna.create_study(directions=["maximize", "minimize"]).ask()
+    constants = space(trial)
+    assert not any(k.startswith(("model.depth", "model.weights", "model.exit_weights")) for k in trial.params)
+    cfg = TrialConfig.from_flat({**fixed, **trial.params, **constants})
+    assert cfg.model.depth == 56 and cfg.model.exit_weights == (0.5,) * 27
+
+
+def test_several_methods_make_the_method_the_first_choice():
+    trial = optuna.create_study(directions=["maximize", "minimize"]).ask()
+    out = SweepSpace(["resnet", "elastic"], {})(trial)
+    assert list(trial.params)[0] == "method" and out["method"] == trial.params["method"]
+
+
+def test_fixed_trial_replays_a_config():
+    params = {"model.depth": 32, "model.weights": "uniform", "model.head_dropout": 0.1, "policy.threshold": 0.9,
+              "optim.lr": 0.1, "optim.weight_decay": 5e-4, "optim.label_smoothing": 0.0}
+    trial = optuna.trial.FixedTrial(params)
+    constants = SweepSpace(["elastic"], {})(trial)
+    cfg = TrialConfig.from_flat({**params, **constants})
+    assert cfg.model.depth == 32 and cfg.policy.threshold == 0.9
+
+
+def test_unknown_sampler():
+    with pytest.raises(ConfigError, match="unknown sampler 'cmaes'; valid samplers: tpe, nsga2, random"):
+        make_sampler("cmaes", 0)
+
+
+def test_searcher_tells_optuna_what_happened(tmp_path):
+    from study.searcher import StudySearch
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/o.db")
+    s = StudySearch(space=SweepSpace(["resnet"], {}), metric=["val_acc", "macs"], mode=["max", "min"],
+                    storage=storage, study_name="s", sampler=make_sampler("random", 0))
+    for tid in "abcd":
+        assert s.suggest(tid)["method"] == "resnet"
+    common = {"mlflow_run_id": "r", "config_hash": "h", "method": "resnet", "val_acc": 0.5, "macs": 4e7}
+    s.on_trial_complete("a", {**common, "final": 1, "epoch": 3})
+    s.on_trial_complete("b", {**common, "final": 0, "epoch": 1})
+    s.on_trial_complete("c", {**common, "final": 0, "diverged": 1, "fail_reason": "loss is nan"})
+    s.on_trial_complete("d", None, error=True)
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    states = [t.state.name for t in trials]
+    assert states == ["COMPLETE", "PRUNED", "FAIL", "FAIL"]
+    assert trials[0].values == [0.5, 4e7] and trials[0].user_attrs["mlflow_run_id"] == "r"
+    assert trials[1].user_attrs["stopped_at_epoch"] == 1 and trials[1].user_attrs["val_acc_at_stop"] == 0.5
+    assert trials[2].user_attrs["fail_reason"] == "loss is nan"
