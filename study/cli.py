@@ -78,7 +78,8 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
 def fixed_keys(args: argparse.Namespace) -> dict[str, Any]:
     """Config file, then the shortcut flags, then --set: later wins."""
     fixed = load_config_file(args.config) if getattr(args, "config", None) else {}
-    for flag, key in (("dataset", "data.dataset"), ("epochs", "optim.epochs"), ("subset", "data.subset")):
+    for flag, key in (("dataset", "data.dataset"), ("epochs", "optim.epochs"), ("subset", "data.subset"),
+                      ("image_size", "data.image_size")):
         if getattr(args, flag, None) is not None:
             fixed[key] = getattr(args, flag)
     fixed.update(parse_sets(getattr(args, "set", None)))
@@ -327,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--concurrency", type=int, default=2)
     s.add_argument("--epochs", type=int)
     s.add_argument("--subset", type=int, help="class-balanced subset of the training part")
+    s.add_argument("--image-size", type=int, help="side images are resized to (image-folder datasets; default 32)")
     s.add_argument("--config", help="YAML file of fixed config keys (flat dotted keys or nested)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="fix a config key (repeatable)")
     s.add_argument("--data-dir", help="dataset folder (default: DYNASTUDY_DATA)")
@@ -348,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset", choices=list(DATASETS))
     r.add_argument("--epochs", type=int)
     r.add_argument("--subset", type=int)
+    r.add_argument("--image-size", type=int)
     r.add_argument("--set", action="append", metavar="KEY=VALUE")
     r.add_argument("--data-dir")
     r.add_argument("--device", default="cpu")
@@ -378,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--method", required=True, choices=list(METHODS))
     d.add_argument("--dataset", choices=list(DATASETS), default=None)
     d.add_argument("--data-dir")
+    d.add_argument("--image-size", type=int)
     d.add_argument("--set", action="append", metavar="KEY=VALUE")
     d.add_argument("--format", choices=["json", "table"], default="table")
     d.set_defaults(func=cmd_describe)

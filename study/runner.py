@@ -21,7 +21,7 @@ import optuna
 
 from study import paths
 from study.search import METRICS, MODES, SAMPLERS, SweepSpace, make_sampler
-from study.tracking import TAG_FAIL, TAG_STOPPED, Tracker, check_reachable
+from study.tracking import TAG_STOPPED, Tracker, check_reachable
 from trainables import data as data_lib
 from trainables.config import TrialConfig
 from trainables.hparams import ConfigError
@@ -295,5 +295,3 @@ def run_sweep(spec: SweepSpec, out: TextIO = sys.stdout) -> SweepResult:
             ray.shutdown()
     return result
 
-
-__all__ = ["SweepSpec", "SweepResult", "run_sweep", "validate", "SCHEDULERS", "TAG_FAIL"]

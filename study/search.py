@@ -1,6 +1,5 @@
 """Optuna behind Ray Tune: samplers by name and the define-by-run space of a sweep. No Ray import here
 (see `study/searcher.py`), so the runner can set Ray's environment before Ray is first imported.
-
 """
 
 from __future__ import annotations

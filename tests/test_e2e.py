@@ -131,3 +131,53 @@ def test_asha_prunes_and_a_second_sweep_continues_the_study(tmp_path):
 
     dynastudy("sweep", *common, "--trials", "2", "--epochs", "1", "--seed", "1")
     assert len(optuna.load_study(study_name="asha", storage=storage).trials) == 10
+
+
+# Loaded by every Python process of the sweep (Ray workers inherit PYTHONPATH): makes resnet's loss NaN, so the
+# real divergence path runs end to end without any test hook in the product.
+_NAN_LOSS = '''
+import importlib.abc, importlib.util, sys
+
+class _NanResnetLoss(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "trainables.methods.resnet":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            real = module.loss
+            module.loss = lambda out, y, hp, ls=0.0: real(out, y, hp, ls) * float("nan")
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, _NanResnetLoss())
+'''
+
+
+def test_diverging_trials_fail_with_their_reason_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_NAN_LOSS)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    res = tmp_path / "res"
+    out = dynastudy("sweep", "--method", "elastic", "--method", "resnet", "--study", "nan", "--dataset",
+                    "synthetic", "--trials", "4", "--epochs", "1", "--sampler", "random", "--seed", "3",
+                    "--set", "data.val_size=200", "--set", "model.depth=20", "--set", "data.subset=400",
+                    "--results-dir", str(res)).stdout
+    runs = search_runs(f"sqlite:///{res}/mlflow.db", "nan", "tags.`dynastudy.kind` = 'trial'")
+    by_method = {m: [r for r in runs if r.data.tags["dynastudy.method"] == m] for m in ("elastic", "resnet")}
+    assert by_method["elastic"] and by_method["resnet"] and len(runs) == 4
+    assert all(r.info.status == "FINISHED" for r in by_method["elastic"])
+    for r in by_method["resnet"]:
+        assert r.info.status == "FAILED" and "training loss is nan" in r.data.tags["dynastudy.fail_reason"]
+    assert f"{len(by_method['resnet'])} failed" in out and "diverged" in out
+    trials = optuna.load_study(study_name="nan", storage=f"sqlite:///{res}/optuna.db").trials
+    states = {t.params["method"]: set() for t in trials}
+    for t in trials:
+        states[t.params["method"]].add(t.state.name)
+    assert states == {"elastic": {"COMPLETE"}, "resnet": {"FAIL"}}
+    assert all("training loss is nan" in t.user_attrs["fail_reason"] for t in trials if t.state.name == "FAIL")

@@ -76,7 +76,10 @@ def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays) -> Non
                 tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
     except Diverged as e:
         tracker.fail(run_id, str(e))
-        tune.report({**common, "epoch": epoch, "final": 0, "diverged": 1, "fail_reason": str(e)})
+        # Tune insists on the searched metrics in every result. val_acc 0 ranks a diverged trial last for ASHA;
+        # StudySearch tells Optuna FAIL before either value is used.
+        tune.report({**common, "epoch": epoch, "final": 0, "diverged": 1, "fail_reason": str(e),
+                     "val_acc": 0.0, "macs": float("nan")})
         return
     except Exception as e:
         tracker.fail(run_id, f"{type(e).__name__}: {e}")
