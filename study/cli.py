@@ -125,6 +125,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"study {spec.study}: {spec.trials} trials of {', '.join(methods)}, {spec.concurrency} at a time, "
           f"sampler {spec.sampler}, scheduler {spec.scheduler}")
     result = run_sweep(spec)
+    if result.interrupted:
+        print(f"sweep interrupted after {result.seconds:.0f}s: {len(result.outcomes)} of {spec.trials} trials "
+              "finished; unfinished trials are KILLED in MLflow and FAIL in Optuna", file=sys.stderr)
+        return 130
     print(f"sweep done in {result.seconds:.0f}s: {result.count('complete')} complete, "
           f"{result.count('stopped')} stopped early, {result.count('diverged') + result.count('error')} failed")
     print(f"tracking: {uri}  (experiment {spec.study!r}, sweep run {result.parent_run_id})")
@@ -153,12 +157,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     data_lib.check_source(cfg.data.dataset, data_dir)
     check_reachable(uri)
     arrays = data_lib.load_dataset(cfg.data.dataset, data_dir, paths.cache_dir(root), cfg.data.image_size)
+    splits = data_lib.make_splits(arrays, cfg.data)  # a size that does not fit fails before any run exists
     tracker = Tracker(uri)
     exp_id = tracker.ensure_experiment(args.study, paths.artifacts_dir(root))
     run_id = tracker.start_trial(exp_id, None, args.study, cfg, f"run-{time.strftime('%Y%m%d-%H%M%S')}", kind="run")
     ctx = RunContext(device=args.device, threads=args.threads)
     try:
-        for report in fit(cfg, data_lib.make_splits(arrays, cfg.data), ctx):
+        for report in fit(cfg, splits, ctx):
             tracker.log_metrics(run_id, report.metrics, step=report.epoch)
             print(f"epoch {report.epoch}/{report.epochs} train_loss={report.metrics['train_loss']:.4f} "
                   f"val_acc={report.metrics['val_acc']:.4f} ({report.metrics['epoch_time_s']:.0f}s)", flush=True)
@@ -189,6 +194,9 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     from study import paths, queries
     from study.tracking import Tracker, check_readable
 
+    if args.format == "parquet" and not args.out:
+        raise ConfigError("--format parquet needs --out FILE")
+    _check_out(args.out)
     root, uri = _uri(args)
     check_readable(uri)
     tracker = Tracker(uri)
@@ -210,8 +218,6 @@ def cmd_pareto(args: argparse.Namespace) -> int:
         df["params"] = df["params"].map(lambda p: json.dumps(p, sort_keys=True))
         _emit(df.to_csv(index=False), args.out)
     elif fmt == "parquet":
-        if not args.out:
-            raise ConfigError("--format parquet needs --out FILE")
         df = res.front.copy()
         df["params"] = df["params"].map(lambda p: json.dumps(p, sort_keys=True))
         df.to_parquet(args.out, index=False)
@@ -227,6 +233,11 @@ def _front_table(front, study: str) -> str:
         lines.append(f"{r.method:<9} {r.trial:<9} {r.policy:<11} {param:>7} {r.val_acc:>8.4f} {r.test_acc:>8.4f} "
                      f"{r.macs / 1e6:>9.3f}  {r.run_id[:12]}")
     return "\n".join(lines)
+
+
+def _check_out(out: str | None) -> None:
+    if out and not Path(out).resolve().parent.is_dir():
+        raise ConfigError(f"--out {out}: the folder {Path(out).resolve().parent} does not exist")
 
 
 def _emit(text: str, out: str | None) -> None:

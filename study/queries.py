@@ -139,7 +139,9 @@ def point_config(point: pd.Series) -> dict[str, Any]:
     cfg["policy.name"] = point["policy"]
     if point["policy"] == "static":
         cfg["policy.exit"] = int(point["exit"])
-    else:
+        return cfg
+    per_exit = json.loads(point.get("thresholds", "[]") or "[]")
+    cfg["policy.thresholds"] = per_exit
+    if not per_exit:
         cfg["policy.threshold"] = float(point["threshold"])
-        cfg["policy.thresholds"] = []
     return cfg

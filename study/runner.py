@@ -15,13 +15,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Sequence, TextIO
 
 import optuna
 
 from study import paths
 from study.search import METRICS, MODES, SAMPLERS, SweepSpace, make_sampler
-from study.tracking import TAG_STOPPED, Tracker, check_reachable
+from study.tracking import TAG_FAIL, TAG_PARENT, TAG_STOPPED, Tracker, check_reachable
 from trainables import data as data_lib
 from trainables.config import TrialConfig
 from trainables.hparams import ConfigError
@@ -73,6 +73,7 @@ class SweepResult:
     parent_run_id: str
     outcomes: list[TrialOutcome]
     seconds: float
+    interrupted: bool = False
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -85,8 +86,9 @@ def check_study_name(name: str) -> None:
         raise ConfigError(f"study name {name!r} is not valid (1-200 characters, no quotes, slashes or newlines)")
 
 
-def check_storage(url: str, directions: list[str], study: str) -> None:
-    """The Optuna storage URL parses and, for a server, answers; an existing study has our directions."""
+def check_storage(url: str, directions: list[str], study: str) -> int:
+    """The Optuna storage URL parses and answers; an existing study has our directions.
+    Returns how many trials the study already holds (0 when it does not exist yet). Writes nothing."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
@@ -100,27 +102,68 @@ def check_storage(url: str, directions: list[str], study: str) -> None:
         if not db.startswith("/"):
             raise ConfigError(f"storage {url!r} must name an absolute path (sqlite:////abs/optuna.db)")
         if not Path(db).exists():
-            return
+            return 0
     try:
         storage = optuna.storages.RDBStorage(url, skip_compatibility_check=False)
         existing = {s.study_name: s for s in storage.get_all_studies()}
     except Exception as e:
         raise ConfigError(f"storage {url} is unreachable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
             from None
-    if study in existing:
-        have = [d.name.lower() for d in existing[study].directions]
-        want = ["maximize" if m == "max" else "minimize" for m in directions]
-        if have != want:
-            raise ConfigError(f"Optuna study {study!r} in {url} has directions {have}, not {want}")
+    if study not in existing:
+        return 0
+    have = [d.name.lower() for d in existing[study].directions]
+    want = ["maximize" if m == "max" else "minimize" for m in directions]
+    if have != want:
+        raise ConfigError(f"Optuna study {study!r} in {url} has directions {have}, not {want}")
+    return len(storage.get_all_trials(storage.get_study_id_from_name(study), deepcopy=False))
 
 
-def validate(spec: SweepSpec) -> None:
+def fixed_for(method: str, fixed: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
+    """The fixed keys that apply to `method`: in a sweep of several methods, a `model.*` key that only the
+    others define is left out (a key no method of the sweep defines stays, and is reported as unknown)."""
+    own = set(get_method(method).Hparams.field_names())
+    anyone = set().union(*(get_method(m).Hparams.field_names() for m in methods))
+    out = {}
+    for key, value in fixed.items():
+        group, _, name = key.partition(".")
+        field = name.split(".")[0]
+        if group == "model" and field not in own and field in anyone:
+            continue
+        out[key] = value
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What validation learnt: configurations drawn from the space, and the study's existing trial count."""
+
+    probes: list[TrialConfig]
+    existing_trials: int
+
+
+def probe_configs(spec: SweepSpec, draws_per_method: int = 8) -> list[TrialConfig]:
+    """Random draws of the sweep's space completed by its fixed keys: all must be valid configs."""
+    space = SweepSpace(spec.methods, spec.fixed)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["maximize", "minimize"])
+    configs = []
+    for _ in range(draws_per_method * len(spec.methods)):
+        trial = probe.ask()
+        constants = space(trial)
+        fixed = fixed_for(constants["method"], spec.fixed, spec.methods)
+        configs.append(TrialConfig.from_flat({**fixed, **trial.params, **constants}))
+    return configs
+
+
+def validate(spec: SweepSpec) -> Plan:
     """Every check that can fail on user input; writes nothing."""
     check_study_name(spec.study)
     if spec.trials < 1:
         raise ConfigError(f"--trials={spec.trials} must be at least 1")
     if spec.concurrency < 1:
         raise ConfigError(f"--concurrency={spec.concurrency} must be at least 1")
+    if spec.max_failures < 0:
+        raise ConfigError(f"--max-failures={spec.max_failures} must be 0 or more")
     if spec.sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {spec.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
     if spec.scheduler not in SCHEDULERS:
@@ -128,6 +171,14 @@ def validate(spec: SweepSpec) -> None:
     if spec.cpus_per_trial <= 0 or spec.gpus_per_trial < 0:
         raise ConfigError(f"--cpus-per-trial={spec.cpus_per_trial} must be > 0 and "
                           f"--gpus-per-trial={spec.gpus_per_trial} >= 0")
+    if not spec.ray_address:  # a local Ray has this machine's resources only: Tune would wait forever
+        import torch
+
+        cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+        if spec.cpus_per_trial > cpus:
+            raise ConfigError(f"--cpus-per-trial={spec.cpus_per_trial} is more than this machine's {cpus} CPUs")
+        if spec.gpus_per_trial > gpus:
+            raise ConfigError(f"--gpus-per-trial={spec.gpus_per_trial} is more than this machine's {gpus} GPUs")
     if not spec.methods:
         raise ConfigError("no --method given")
     for m in spec.methods:
@@ -135,21 +186,13 @@ def validate(spec: SweepSpec) -> None:
     fixed_method = spec.fixed.get("method")
     if fixed_method is not None and fixed_method not in spec.methods:
         raise ConfigError(f"the config fixes method={fixed_method}, which is not among --method {list(spec.methods)}")
-    # Every method with the fixed keys, and a few random draws of the space, must give valid configs.
-    space = SweepSpace(spec.methods, spec.fixed)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["maximize", "minimize"])
-    for m in spec.methods:
-        TrialConfig.from_flat({**spec.fixed, "method": m})
-    for _ in range(8 * len(spec.methods)):
-        trial = probe.ask()
-        constants = space(trial)
-        TrialConfig.from_flat({**spec.fixed, **trial.params, **constants})
-    datasets = {TrialConfig.from_flat({**spec.fixed, "method": m}).data for m in spec.methods}
-    for d in datasets:
-        data_lib.check_source(d.dataset, spec.data_dir)
+    probes = probe_configs(spec)
+    datasets = {c.data.dataset for c in probes}
+    if len(datasets) > 1:  # the data is loaded once and shared by every trial
+        raise ConfigError(f"one sweep trains on one dataset, got {sorted(datasets)}")
+    data_lib.check_source(datasets.pop(), spec.data_dir)
     check_reachable(spec.tracking_uri)
-    check_storage(spec.storage, MODES, spec.study)
+    return Plan(probes, check_storage(spec.storage, MODES, spec.study))
 
 
 # ------------------------------------------------------------------------------------------------ progress
@@ -224,8 +267,9 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
     return True
 
 
-def run_sweep(spec: SweepSpec, out: TextIO = sys.stdout) -> SweepResult:
-    validate(spec)
+def run_sweep(spec: SweepSpec, out: TextIO | None = None) -> SweepResult:
+    out = out or sys.stdout  # looked up per call: sys.stdout may have been replaced since import
+    plan = validate(spec)
     if not spec.ray_address:
         _local_ray_env()
     import ray
@@ -238,13 +282,14 @@ def run_sweep(spec: SweepSpec, out: TextIO = sys.stdout) -> SweepResult:
     for url in (spec.tracking_uri, spec.storage):  # validated: now the folders of SQLite files may be made
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    cfg0 = TrialConfig.from_flat({**spec.fixed, "method": spec.methods[0]})
-    datasets = {TrialConfig.from_flat({**spec.fixed, "method": m}).data.dataset for m in spec.methods}
-    if len(datasets) > 1:
-        raise ConfigError(f"one sweep trains on one dataset, got {sorted(datasets)}")
+    cfg0 = plan.probes[0]
     print(f"loading {cfg0.data.dataset} ...", file=out, flush=True)
     arrays = data_lib.load_dataset(cfg0.data.dataset, spec.data_dir, paths.cache_dir(spec.results_dir),
                                    cfg0.data.image_size)
+    for data_hp in {c.data for c in plan.probes}:  # sizes (val_size, subset) fit this dataset: fail here, not per trial
+        data_lib.make_splits(arrays, data_hp)
+    if plan.existing_trials:
+        print(f"study {spec.study} already has {plan.existing_trials} trials: adding {spec.trials}", file=out)
 
     tracker = Tracker(spec.tracking_uri)
     exp_id = tracker.ensure_experiment(spec.study, paths.artifacts_dir(spec.results_dir))
@@ -252,14 +297,17 @@ def run_sweep(spec: SweepSpec, out: TextIO = sys.stdout) -> SweepResult:
     started = False
     outcomes: list[TrialOutcome] = []
     status = "FAILED"
+    searcher = None
     try:
         started = init_ray(spec.ray_address)
         device = "cuda" if spec.gpus_per_trial > 0 else "cpu"
-        env = TrialEnv(study=spec.study, fixed=dict(spec.fixed), tracking_uri=spec.tracking_uri,
-                       experiment_id=exp_id, parent_run_id=parent,
+        env = TrialEnv(study=spec.study, fixed={m: fixed_for(m, spec.fixed, spec.methods) for m in spec.methods},
+                       tracking_uri=spec.tracking_uri, experiment_id=exp_id, parent_run_id=parent,
                        context=RunContext(device=device, threads=max(1, int(spec.cpus_per_trial))))
+        # Offset the sampler seed by the trials already in the study: a second sweep stays reproducible but does
+        # not replay the first one's random start-up configurations.
         searcher = StudySearch(space=SweepSpace(spec.methods, spec.fixed), metric=METRICS, mode=MODES,
-                               sampler=make_sampler(spec.sampler, spec.seed),
+                               sampler=make_sampler(spec.sampler, spec.seed + plan.existing_trials),
                                storage=optuna.storages.RDBStorage(spec.storage), study_name=spec.study)
         scheduler = None
         if spec.scheduler == "asha":
@@ -274,18 +322,21 @@ def run_sweep(spec: SweepSpec, out: TextIO = sys.stdout) -> SweepResult:
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.trials,
                                         max_concurrent_trials=spec.concurrency, reuse_actors=True),
             run_config=tune.RunConfig(
-                name=f"{spec.study}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(paths.ray_dir(spec.results_dir)),
-                verbose=0, callbacks=[_progress_callback(tracker, spec.trials, out, outcomes)],
+                name=f"{spec.study}-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=str(paths.ray_dir(spec.results_dir)), verbose=0,
+                callbacks=[_progress_callback(tracker, spec.trials, out, outcomes)],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
         )
         tuner.fit()
-        status = "FINISHED"
+        # Tune catches Ctrl-C itself and returns: fewer finished trials than asked means an interrupted sweep.
+        status = "FINISHED" if len(outcomes) >= spec.trials else "KILLED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        result = SweepResult(parent, outcomes, time.time() - t0)
+        result = SweepResult(parent, outcomes, time.time() - t0, interrupted=status != "FINISHED")
+        _close_leftovers(tracker, exp_id, parent, searcher, status)
         tracker.log_metrics(parent, {"trials_complete": result.count("complete"),
                                      "trials_stopped": result.count("stopped"),
                                      "trials_failed": result.count("error") + result.count("diverged"),
@@ -295,3 +346,15 @@ def run_sweep(spec: SweepSpec, out: TextIO = sys.stdout) -> SweepResult:
             ray.shutdown()
     return result
 
+
+def _close_leftovers(tracker: Tracker, exp_id: str, parent: str, searcher, status: str) -> None:
+    """After an interrupted or failed sweep, nothing of it stays RUNNING: trial runs Tune stopped without a
+    callback are marked KILLED in MLflow and their Optuna trials FAIL."""
+    reason = f"sweep ended ({status}) before the trial finished"
+    runs = tracker.client.search_runs([exp_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent}' and "
+                                                              "attributes.status = 'RUNNING'")
+    for run in runs:
+        tracker.client.set_tag(run.info.run_id, TAG_FAIL, reason)
+        tracker.finish(run.info.run_id, "KILLED")
+    if searcher is not None:
+        searcher.close_unfinished(reason)

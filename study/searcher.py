@@ -37,3 +37,19 @@ class StudySearch(OptunaSearch):
             return super().on_trial_complete(trial_id, result, error)
         self._ot_study.tell(ot_trial, None, state=state)
         self._completed_trials.add(trial_id)
+
+    def close_unfinished(self, reason: str) -> int:
+        """Tell FAIL for every trial this searcher proposed and never heard the end of (an interrupted sweep),
+        so the Optuna study keeps no RUNNING trial. Returns how many."""
+        closed = 0
+        for trial_id, ot_trial in self._ot_trials.items():
+            if trial_id in self._completed_trials:
+                continue
+            try:
+                ot_trial.set_user_attr("fail_reason", reason)
+                self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL)
+                closed += 1
+            except Exception:  # already finished in the storage
+                pass
+            self._completed_trials.add(trial_id)
+        return closed

@@ -52,14 +52,27 @@ def is_local(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
 
 
+def _check_database(url: str, what: str) -> None:
+    """Connect to a database URL (SQLAlchemy) once; one line on failure."""
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(url)
+        with engine.connect() as conn:
+            if url.startswith("sqlite"):
+                conn.execute(sqlalchemy.text("select count(*) from sqlite_master"))
+        engine.dispose()
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ConfigError(f"{what} {url} is unusable ({type(e).__name__}: {first})") from None
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail with one line unless `uri` is a usable MLflow tracking URI. Writes nothing."""
-    scheme = uri.split("://", 1)[0] if "://" in uri else ("file" if uri.startswith("/") else "")
-    valid = ("sqlite", "file", "http", "https", "postgresql", "postgresql+psycopg2", "mysql", "mysql+pymysql",
-             "databricks")
-    if scheme not in valid:
-        raise ConfigError(f"tracking URI {uri!r} has no known scheme; valid: sqlite:////abs/path.db, "
-                          "http(s)://host:port, postgresql://..., file:///abs/dir")
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if scheme not in ("sqlite", "http", "https") and not scheme.startswith(("postgresql", "mysql")):
+        raise ConfigError(f"tracking URI {uri!r} is not supported; valid: sqlite:////abs/path.db, "
+                          "http(s)://host:port (an MLflow server), postgresql://user@host:port/db")
     if scheme in ("http", "https"):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
@@ -72,11 +85,16 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         path = uri.split("sqlite:///", 1)[-1]
         if not path.startswith("/"):
             raise ConfigError(f"tracking URI {uri!r} must name an absolute path (sqlite:////abs/path.db)")
+        if Path(path).exists():
+            _check_database(uri, "tracking store")
+            return
         parent = Path(path).parent
         while not parent.exists():
             parent = parent.parent
         if not os.access(parent, os.W_OK):
             raise ConfigError(f"tracking URI {uri!r}: {parent} is not writable")
+    else:
+        _check_database(uri, "tracking store")
 
 
 def check_readable(uri: str) -> None:
@@ -145,6 +163,9 @@ class Tracker:
         return run_id
 
     def resume_trial(self, run_id: str) -> None:
+        """A retried trial continues its run: RUNNING again, without the failure of the previous attempt."""
+        if TAG_FAIL in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, TAG_FAIL)
         self.client.update_run(run_id, status="RUNNING")
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:

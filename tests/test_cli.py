@@ -25,7 +25,13 @@ def _sweep(tmp_path, *extra):
     (["--scheduler", "pbt"], "invalid choice: 'pbt'"),
     (["--trials", "0"], "--trials=0 must be at least 1"),
     (["--tracking-uri", "http://127.0.0.1:9"], "tracking server http://127.0.0.1:9 is unreachable"),
-    (["--tracking-uri", "bogus://x"], "tracking URI 'bogus://x' has no known scheme"),
+    (["--tracking-uri", "bogus://x"], "tracking URI 'bogus://x' is not supported; valid: sqlite:"),
+    (["--tracking-uri", "file:///tmp/mlruns"], "tracking URI 'file:///tmp/mlruns' is not supported"),
+    (["--tracking-uri", "postgresql://u@127.0.0.1:9/db"], "tracking store postgresql://u@127.0.0.1:9/db is unusable"),
+    (["--max-failures", "-1"], "--max-failures=-1 must be 0 or more"),
+    (["--cpus-per-trial", "512"], "--cpus-per-trial=512.0 is more than this machine's"),
+    (["--gpus-per-trial", "99"], "--gpus-per-trial=99.0 is more than this machine's"),
+    (["--set", "data.val_size=0"], "data.val_size=0 is outside the allowed range [1, None]"),
     (["--storage", "not a url"], "storage 'not a url' is not a database URL"),
     (["--storage", "sqlite:///relative.db"], "must name an absolute path"),
 ])
@@ -58,6 +64,34 @@ def test_malformed_yaml_and_missing_data(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert f"no cifar10 data in {empty}" in err and "DYNASTUDY_DATA" in err
     assert not (tmp_path / "res").exists() and not any(empty.iterdir())
+
+
+def test_a_file_that_is_no_database_and_a_missing_data_dir(tmp_path, capsys):
+    junk = tmp_path / "junk.db"
+    junk.write_text("not a database")
+    assert main(_sweep(tmp_path, "--tracking-uri", f"sqlite:///{junk}")) == 2
+    assert f"tracking store sqlite:///{junk} is unusable (DatabaseError" in capsys.readouterr().err
+    args = ["sweep", "--method", "resnet", "--study", "s", "--data-dir", str(tmp_path / "nowhere"),
+            "--results-dir", str(tmp_path / "res")]
+    assert main(args) == 2
+    assert f"data directory {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "res").exists() and not (tmp_path / "nowhere").exists()
+
+
+def test_sizes_that_do_not_fit_the_dataset_fail_before_any_run(tmp_path, capsys):
+    # synthetic has 2,000 training images: the default 5,000-image validation split cannot be carved from it.
+    assert main(["sweep", "--method", "resnet", "--study", "s", "--dataset", "synthetic",
+                 "--results-dir", str(tmp_path / "res")]) == 2
+    assert "data.val_size=5000 leaves no training images (synthetic has 2000)" in capsys.readouterr().err
+    assert not list((tmp_path / "res").glob("*.db"))
+
+
+def test_pareto_output_is_checked_before_reading(tmp_path, capsys):
+    assert main(["pareto", "--study", "x", "--format", "parquet", "--results-dir", str(tmp_path)]) == 2
+    assert "--format parquet needs --out FILE" in capsys.readouterr().err
+    assert main(["pareto", "--study", "x", "--out", str(tmp_path / "no" / "x.json"),
+                 "--results-dir", str(tmp_path)]) == 2
+    assert "the folder" in capsys.readouterr().err and not (tmp_path / "no").exists()
 
 
 def test_queries_on_missing_store_or_study(tmp_path, capsys):

@@ -129,8 +129,13 @@ def test_asha_prunes_and_a_second_sweep_continues_the_study(tmp_path):
     pruned = {t.user_attrs["mlflow_run_id"] for t in trials if t.state.name == "PRUNED"}
     assert stopped == pruned
 
-    dynastudy("sweep", *common, "--trials", "2", "--epochs", "1", "--seed", "1")
-    assert len(optuna.load_study(study_name="asha", storage=storage).trials) == 10
+    # Same sampler and seed again: the seed is offset by the trials already there, so nothing is replayed.
+    out = dynastudy("sweep", *common, "--trials", "2", "--epochs", "1", "--sampler", "random").stdout
+    assert "already has 8 trials" in out
+    trials = optuna.load_study(study_name="asha", storage=storage).trials
+    assert len(trials) == 10
+    assert {tuple(sorted(t.params.items())) for t in trials[8:]}.isdisjoint(
+        {tuple(sorted(t.params.items())) for t in trials[:8]})
 
 
 # Loaded by every Python process of the sweep (Ray workers inherit PYTHONPATH): makes resnet's loss NaN, so the
@@ -181,3 +186,36 @@ def test_diverging_trials_fail_with_their_reason_and_the_sweep_goes_on(tmp_path,
         states[t.params["method"]].add(t.state.name)
     assert states == {"elastic": {"COMPLETE"}, "resnet": {"FAIL"}}
     assert all("training loss is nan" in t.user_attrs["fail_reason"] for t in trials if t.state.name == "FAIL")
+
+
+def test_ctrl_c_leaves_nothing_running(tmp_path):
+    import signal
+    import time
+
+    res = tmp_path / "res"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "study.cli", "sweep", "--method", "elastic", "--study", "int",
+                             "--dataset", "synthetic", "--trials", "6", "--epochs", "20", "--set",
+                             "data.val_size=200", "--set", "model.depth=20", "--results-dir", str(res)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    uri = f"sqlite:///{res}/mlflow.db"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:  # wait until trials are training, then press Ctrl-C once
+            time.sleep(2)
+            if (res / "mlflow.db").exists() and search_runs(uri, "int", "tags.`dynastudy.kind` = 'trial'"):
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "sweep interrupted" in err
+    runs = search_runs(uri, "int")
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"]
+    assert {r.info.status for r in runs if r.data.tags["dynastudy.kind"] == "sweep"} == {"KILLED"}
+    trials = optuna.load_study(study_name="int", storage=f"sqlite:///{res}/optuna.db").trials
+    assert trials and all(t.state.name != "RUNNING" for t in trials)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -48,6 +50,20 @@ def test_frontier_rows_name_their_policy():
     conf = df[df["threshold"] == 0.8].iloc[0]
     assert conf["val_acc"] == pytest.approx(0.5) and conf["macs"] == pytest.approx(30.0)
     assert (df["test_acc"] == df["val_acc"]).all()
+
+
+def test_frontier_carries_the_searched_operating_point():
+    from study.queries import point_config
+
+    op = PolicyHparams(thresholds=(0.9, 0.8, 0.5))
+    df = policies.frontier(CACHE, None, MACS, grid=[0.5], operating=op)
+    row = df.iloc[-1]
+    assert row["operating"] and not df["operating"].iloc[:-1].any()
+    assert json.loads(row["thresholds"]) == [0.9, 0.8, 0.5]
+    assert policies.confidence_exits(CACHE, [0.9, 0.8, 0.5]).tolist() == [0, 1, 1, 2]
+    assert row["val_acc"] == pytest.approx(0.5) and row["macs"] == pytest.approx(30.0)
+    cfg = point_config(row.copy().rename(None).to_frame().T.assign(params=[{"method": "elastic"}]).iloc[0])
+    assert cfg["policy.name"] == "confidence" and cfg["policy.thresholds"] == [0.9, 0.8, 0.5]
 
 
 def test_single_exit_frontier_is_one_point():

@@ -77,3 +77,38 @@ def test_searcher_tells_optuna_what_happened(tmp_path):
     assert trials[0].values == [0.5, 4e7] and trials[0].user_attrs["mlflow_run_id"] == "r"
     assert trials[1].user_attrs["stopped_at_epoch"] == 1 and trials[1].user_attrs["val_acc_at_stop"] == 0.5
     assert trials[2].user_attrs["fail_reason"] == "loss is nan"
+
+
+def test_validation_uses_the_space_not_the_fixed_keys_alone(tmp_path):
+    from study.runner import SweepSpec, fixed_for, validate
+
+    def spec(methods, fixed):
+        return SweepSpec(study="s", methods=methods, trials=1, fixed=fixed, results_dir=tmp_path,
+                         tracking_uri=f"sqlite:///{tmp_path}/m.db", storage=f"sqlite:///{tmp_path}/o.db")
+
+    # The independent weights are searched, so fixing only the scheme is valid.
+    plan = validate(spec(("elastic",), {"data.dataset": "synthetic", "data.val_size": 100,
+                                        "model.weights": "independent"}))
+    assert all(c.model.weights == "independent" and len(c.model.exit_weights) > 0 for c in plan.probes)
+    assert plan.existing_trials == 0 and not list(tmp_path.iterdir())
+    # A model key of one method applies to that method only; a key no method has is still an error.
+    fixed = {"data.dataset": "synthetic", "data.val_size": 100, "model.head_dropout": 0.1}
+    validate(spec(("resnet", "elastic"), fixed))
+    assert "model.head_dropout" not in fixed_for("resnet", fixed, ["resnet", "elastic"])
+    assert fixed_for("elastic", fixed, ["resnet", "elastic"])["model.head_dropout"] == 0.1
+    with pytest.raises(ConfigError, match="unknown config key 'model.nope'"):
+        validate(spec(("resnet", "elastic"), {**fixed, "model.nope": 1}))
+
+
+def test_close_unfinished_leaves_no_running_trial(tmp_path):
+    from study.searcher import StudySearch
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/o.db")
+    s = StudySearch(space=SweepSpace(["resnet"], {}), metric=["val_acc", "macs"], mode=["max", "min"],
+                    storage=storage, study_name="s", sampler=make_sampler("random", 0))
+    s.suggest("a"), s.suggest("b")
+    s.on_trial_complete("a", {"val_acc": 0.5, "macs": 1.0, "final": 1})
+    assert s.close_unfinished("interrupted") == 1
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL"]
+    assert trials[1].user_attrs["fail_reason"] == "interrupted"

@@ -19,7 +19,7 @@ DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
 @dataclasses.dataclass(frozen=True)
 class DataHparams(Hparams):
     dataset: str = hp("cifar10", "dataset name", choices=DATASETS)
-    val_size: int = hp(5000, "validation images carved (stratified) from the training set", low=0)
+    val_size: int = hp(5000, "validation images carved (stratified) from the training set", low=1)
     subset: int = hp(0, "class-balanced subset of the training part for quick runs (0 = all)", low=0)
     test_subset: int = hp(0, "class-balanced subset of the test set, for quick runs (0 = all)", low=0)
     image_size: int = hp(32, "side length images are resized to (image-folder datasets)", low=8, high=512)

@@ -203,6 +203,8 @@ def check_source(dataset: str, data_dir: str | os.PathLike | None) -> None:
         return
     if data_dir is None:
         raise ConfigError(f"dataset {dataset} needs a data directory: pass --data-dir DIR or set {DATA_ENV}")
+    if not Path(data_dir).is_dir():
+        raise ConfigError(f"data directory {data_dir} does not exist; pass --data-dir DIR or set {DATA_ENV}")
     if locate(dataset, data_dir) is None and (dataset == "imagefolder" or os.environ.get(OFFLINE_ENV)):
         raise ConfigError(f"no {dataset} data in {data_dir} (looked for {_forms_text(dataset)}); "
                           f"pass --data-dir DIR or set {DATA_ENV}")

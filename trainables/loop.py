@@ -186,6 +186,6 @@ def fit(cfg: TrialConfig, splits: Splits, ctx: RunContext = RunContext(),
                 val_acc=point.acc, test_acc=test_point.acc, macs=point.macs, test_macs=test_point.macs,
                 exit_val_acc=[float(a) for a in exit_acc],
                 exit_test_acc=[float(a) for a in test_cache.correct.mean(axis=1)],
-                cost=cost, frontier=policies.frontier(val_cache, test_cache, cost.exits),
+                cost=cost, frontier=policies.frontier(val_cache, test_cache, cost.exits, operating=cfg.policy),
                 val_exit_fractions=point.exit_fractions)
         yield EpochReport(epoch + 1, o.epochs, metrics, snapshot(epoch + 1), final)

@@ -15,6 +15,7 @@ A trial's frontier is a grid of both, each row naming the policy and parameter t
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Sequence
 
 import numpy as np
@@ -95,19 +96,38 @@ def exits_for(policy, cache: ExitCache) -> np.ndarray:
 
 
 def frontier(val: ExitCache, test: ExitCache | None, cum_macs: Sequence[int],
-             grid: Sequence[float] = CONFIDENCE_GRID) -> pd.DataFrame:
-    """Every operating point of the policy grid: static exits, then shared confidence thresholds.
+             grid: Sequence[float] = CONFIDENCE_GRID, operating=None) -> pd.DataFrame:
+    """Every operating point of the policy grid: static exits, then shared confidence thresholds, then (when
+    `operating`, a PolicyHparams, is given) the trial's own searched operating point, flagged `operating`.
 
-    Columns: policy, threshold (NaN for static), exit (-1 for confidence), val_acc, macs (expected on the
-    validation split: what search and queries compare), test_acc and test_macs (reported only)."""
-    rows = []
-    choices = [("static", float("nan"), k) for k in range(val.num_exits)]
+    Columns: policy, threshold (NaN for static), thresholds (JSON list of per-exit thresholds, "[]" if shared),
+    exit (-1 for confidence), operating, val_acc, macs (expected on the validation split: what search and
+    queries compare), test_acc and test_macs (reported only)."""
+    choices = [(f"static exit {k}", _policy("static", exit=k)) for k in range(val.num_exits)]
     if val.num_exits > 1:
-        choices += [("confidence", float(t), -1) for t in grid]
-    for name, tau, k in choices:
-        pick = (lambda c: static_exits(c, k)) if name == "static" else (lambda c: confidence_exits(c, tau))
-        v = evaluate(val, pick(val), cum_macs)
-        t = evaluate(test, pick(test), cum_macs) if test is not None else Outcome(float("nan"), float("nan"), ())
-        rows.append({"policy": name, "threshold": tau, "exit": k, "val_acc": v.acc, "macs": v.macs,
-                     "test_acc": t.acc, "test_macs": t.macs})
+        choices += [(f"confidence {t}", _policy("confidence", threshold=float(t))) for t in grid]
+    if operating is not None:
+        choices.append(("operating", operating))
+    rows = []
+    for label, policy in choices:
+        v = evaluate(val, exits_for(policy, val), cum_macs)
+        t = evaluate(test, exits_for(policy, test), cum_macs) if test is not None \
+            else Outcome(float("nan"), float("nan"), ())
+        rows.append({"policy": policy.name,
+                     "threshold": policy.threshold if policy.name == "confidence" and not policy.thresholds
+                     else float("nan"),
+                     "thresholds": json.dumps(list(policy.thresholds)),
+                     "exit": policy.exit if policy.name == "static" else -1,
+                     "operating": label == "operating",
+                     "val_acc": v.acc, "macs": v.macs, "test_acc": t.acc, "test_macs": t.macs})
     return pd.DataFrame(rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class _policy:
+    """A policy description with the fields of PolicyHparams, for the grid (no validation needed)."""
+
+    name: str
+    threshold: float = 1.0
+    thresholds: tuple[float, ...] = ()
+    exit: int = -1

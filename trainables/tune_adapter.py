@@ -31,7 +31,7 @@ class TrialEnv:
     """What every trial of a sweep shares, handed over through Ray's object store."""
 
     study: str
-    fixed: dict[str, Any]
+    fixed: dict[str, dict[str, Any]]  # method -> its fixed keys
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
@@ -45,7 +45,7 @@ def resolve_config(fixed: dict[str, Any], suggested: dict[str, Any]) -> TrialCon
 def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays) -> None:
     from study.tracking import Tracker
 
-    cfg = resolve_config(env.fixed, config)
+    cfg = resolve_config(env.fixed[config["method"]], config)
     trial_id = tune.get_context().get_trial_id()
     tracker = Tracker(env.tracking_uri)
     state, run_id = None, None
