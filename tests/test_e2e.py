@@ -188,6 +188,21 @@ def test_diverging_trials_fail_with_their_reason_and_the_sweep_goes_on(tmp_path,
     assert all("training loss is nan" in t.user_attrs["fail_reason"] for t in trials if t.state.name == "FAIL")
 
 
+def _trial_runs_started(db: Path) -> bool:
+    """Read-only look into the sweep's MLflow database. (Opening it through MLflow while the sweep is still
+    creating its tables would race the sweep's schema migration.)"""
+    import sqlite3
+
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            (n,) = conn.execute("select count(*) from tags where key = 'dynastudy.kind' and value = 'trial'").fetchone()
+        return n > 0
+    except sqlite3.OperationalError:  # tables not there yet, or locked
+        return False
+
+
 def test_ctrl_c_leaves_nothing_running(tmp_path):
     import signal
     import time
@@ -204,7 +219,7 @@ def test_ctrl_c_leaves_nothing_running(tmp_path):
         deadline = time.time() + 180
         while time.time() < deadline:  # wait until trials are training, then press Ctrl-C once
             time.sleep(2)
-            if (res / "mlflow.db").exists() and search_runs(uri, "int", "tags.`dynastudy.kind` = 'trial'"):
+            if _trial_runs_started(res / "mlflow.db"):
                 break
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
