@@ -25,5 +25,10 @@ def artifacts_dir(root: Path) -> Path:
     return root / "mlartifacts"
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file behind an `sqlite:///` URL (None for any other URL)."""
+    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+
+
 def default_storage(root: Path) -> str:
     return os.environ.get("DYNASTUDY_STORAGE") or f"sqlite:///{root / 'optuna.db'}"

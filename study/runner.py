@@ -280,8 +280,8 @@ def run_sweep(spec: SweepSpec, out: TextIO | None = None) -> SweepResult:
 
     t0 = time.time()
     for url in (spec.tracking_uri, spec.storage):  # validated: now the folders of SQLite files may be made
-        if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        if (db := paths.sqlite_file(url)) is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
     cfg0 = plan.probes[0]
     print(f"loading {cfg0.data.dataset} ...", file=out, flush=True)
     arrays = data_lib.load_dataset(cfg0.data.dataset, spec.data_dir, paths.cache_dir(spec.results_dir),

@@ -28,6 +28,7 @@ import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from study.paths import sqlite_file
 from trainables.hparams import ConfigError
 
 TAG_STUDY = "dynastudy.study"
@@ -82,13 +83,13 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             raise ConfigError(f"tracking server {uri} is unreachable ({reason}); start it or pass another "
                               "--tracking-uri") from None
     elif scheme == "sqlite":
-        path = uri.split("sqlite:///", 1)[-1]
-        if not path.startswith("/"):
+        path = sqlite_file(uri)
+        if path is None or not path.is_absolute():
             raise ConfigError(f"tracking URI {uri!r} must name an absolute path (sqlite:////abs/path.db)")
-        if Path(path).exists():
+        if path.exists():
             _check_database(uri, "tracking store")
             return
-        parent = Path(path).parent
+        parent = path.parent
         while not parent.exists():
             parent = parent.parent
         if not os.access(parent, os.W_OK):
@@ -100,9 +101,9 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 def check_readable(uri: str) -> None:
     """For commands that only read: the store must exist already (opening an SQLite URI would create it)."""
     check_reachable(uri)
-    if uri.startswith("sqlite:"):
-        path = uri.split("sqlite:///", 1)[-1]
-        if not Path(path).is_file():
+    path = sqlite_file(uri)
+    if path is not None:
+        if not path.is_file():
             raise ConfigError(f"no tracking store at {uri} (no sweep has written there yet); pass --tracking-uri "
                               "or --results-dir of an existing study")
 

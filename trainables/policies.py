@@ -21,6 +21,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from trainables.config import PolicyHparams
+
 # Shared-threshold grid of the confidence frontier: dense near 1, where early exits start to cost accuracy.
 CONFIDENCE_GRID = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 13),
                                                  [0.92, 0.94, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999, 0.9999]]), 6))
@@ -96,16 +98,16 @@ def exits_for(policy, cache: ExitCache) -> np.ndarray:
 
 
 def frontier(val: ExitCache, test: ExitCache | None, cum_macs: Sequence[int],
-             grid: Sequence[float] = CONFIDENCE_GRID, operating=None) -> pd.DataFrame:
+             grid: Sequence[float] = CONFIDENCE_GRID, operating: PolicyHparams | None = None) -> pd.DataFrame:
     """Every operating point of the policy grid: static exits, then shared confidence thresholds, then (when
-    `operating`, a PolicyHparams, is given) the trial's own searched operating point, flagged `operating`.
+    `operating` is given) the trial's own searched operating point, flagged `operating`.
 
     Columns: policy, threshold (NaN for static), thresholds (JSON list of per-exit thresholds, "[]" if shared),
     exit (-1 for confidence), operating, val_acc, macs (expected on the validation split: what search and
     queries compare), test_acc and test_macs (reported only)."""
-    choices = [(f"static exit {k}", _policy("static", exit=k)) for k in range(val.num_exits)]
+    choices = [(f"static exit {k}", PolicyHparams(name="static", exit=k)) for k in range(val.num_exits)]
     if val.num_exits > 1:
-        choices += [(f"confidence {t}", _policy("confidence", threshold=float(t))) for t in grid]
+        choices += [(f"confidence {t}", PolicyHparams(name="confidence", threshold=float(t))) for t in grid]
     if operating is not None:
         choices.append(("operating", operating))
     rows = []
@@ -121,13 +123,3 @@ def frontier(val: ExitCache, test: ExitCache | None, cum_macs: Sequence[int],
                      "operating": label == "operating",
                      "val_acc": v.acc, "macs": v.macs, "test_acc": t.acc, "test_macs": t.macs})
     return pd.DataFrame(rows)
-
-
-@dataclasses.dataclass(frozen=True)
-class _policy:
-    """A policy description with the fields of PolicyHparams, for the grid (no validation needed)."""
-
-    name: str
-    threshold: float = 1.0
-    thresholds: tuple[float, ...] = ()
-    exit: int = -1
