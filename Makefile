@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Where CIFAR-10 lies (passed to the product by flag; the product never assumes a path).
-DATA ?= $(abspath ../shared/data)
+# Where CIFAR-10 lies (passed to the product by flag; the product never assumes a path): DATA=..., else
+# DYNASTUDY_DATA, else ../shared/data beside the checkout.
+DATA ?= $(or $(DYNASTUDY_DATA),$(abspath ../shared/data))
 RESULTS ?= $(abspath dynastudy-results)
 STUDY ?= demo
 
