@@ -16,6 +16,8 @@ from trainables.hparams import ConfigError
 SPACES: dict[str, str] = {
     "resnet": "search_spaces.resnet",
     "elastic": "search_spaces.elastic",
+    "aig": "search_spaces.aig",
+    "vgg": "search_spaces.vgg",
 }
 
 SpaceFn = Callable[[Any], "dict[str, Any] | None"]

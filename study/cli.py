@@ -1,4 +1,4 @@
-"""The `dynastudy` command line: sweep, run, pareto, best, describe, studies.
+"""The `dynastudy` command line: sweep, run, pareto, best, describe, lesion, studies.
 
 Bad input (unknown method, dataset, sampler or key, a value out of range, malformed YAML, an unreachable
 tracking URI or storage, an unknown study) ends with one line `dynastudy: error: ...` and exit code 2, before
@@ -303,9 +303,101 @@ def cmd_describe(args: argparse.Namespace) -> int:
     print(f"{'exit':>4} {'cumulative MACs':>16}")
     for e in card["exits"]:
         print(f"{e['exit']:>4} {e['macs']:>16,}")
-    print(f"{'block':<10} {'MACs':>12}")
+    if card["train_macs"] != card["macs"]:
+        print(f"expected MACs of one training image: {card['train_macs']:,.0f} (stochastic depth)")
+    gated = any("gate" in b for b in card["blocks"])
+    print(f"{'block':<18} {'MACs':>12}" + ("  gate (the MACs are paid only when it opens)" if gated else ""))
     for b in card["blocks"]:
-        print(f"{b['name']:<10} {b['macs']:>12,}")
+        print(f"{b['name']:<18} {b['macs']:>12,}" + (f"  {b['gate']}" if "gate" in b else ""))
+    return 0
+
+
+def _parse_units(text: str, deletable: Sequence[int]) -> list[int] | None:
+    if text == "all":
+        return None
+    try:
+        chosen = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--blocks {text!r} is not 'all' or a comma-separated list of unit positions") from None
+    bad = [c for c in chosen if c not in deletable]
+    if bad or not chosen:
+        raise ConfigError(f"--blocks {text!r}: {bad or 'nothing'} cannot be deleted; deletable units: "
+                          f"{','.join(map(str, deletable))}")
+    return chosen
+
+
+def cmd_lesion(args: argparse.Namespace) -> int:
+    """Veit et al.'s lesion study on a trained trial: delete or reorder units at test time, log the result."""
+    import torch
+
+    from study import paths
+    from study.tracking import Tracker, check_readable
+    from trainables import data as data_lib
+    from trainables import lesion
+    from trainables.config import TrialConfig
+    from trainables.loop import eval_batches, final_exit_error
+    from trainables.methods import get_method
+
+    for flag in ("random_k", "repeats", "reorder_swaps"):
+        if getattr(args, flag) < 0 or (flag == "repeats" and args.repeats < 1):
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is out of range (0 or more; "
+                              "--repeats 1 or more)")
+    root, uri = _uri(args)
+    check_readable(uri)
+    tracker = Tracker(uri)
+    run, flat, weights = tracker.load_trial(args.run_id)
+    cfg = TrialConfig.from_flat(flat)
+    if args.test_subset is not None:
+        cfg = cfg.replace(**{"data.test_subset": args.test_subset})
+    method = get_method(cfg.method)
+    probe = method.build(cfg.model, 10)  # checks the arguments before any data is loaded
+    if not hasattr(probe, "lesion_units"):
+        raise ConfigError(f"method {cfg.method!r} has no units to delete; the lesion study works on "
+                          "resnet, elastic, aig and vgg trials")
+    blocks = _parse_units(args.blocks, probe.lesion_units().deletable)
+    if args.reorder_swaps and not probe.lesion_units().swap_groups:
+        raise ConfigError(f"--reorder-swaps: no two units of this {cfg.method} network can trade places")
+    data_dir = args.data_dir or os.environ.get("DYNASTUDY_DATA")
+    data_lib.check_source(cfg.data.dataset, data_dir)
+    arrays = data_lib.load_dataset(cfg.data.dataset, data_dir, paths.cache_dir(root), cfg.data.image_size)
+    splits = data_lib.make_splits(arrays, cfg.data)
+    model = method.build(cfg.model, splits.num_classes)
+    model.load_state_dict(weights)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = model.to(device).to(memory_format=torch.channels_last)  # as in training, for identical results
+    batches = eval_batches(splits, "test", device)
+    df = lesion.study(model, lambda m: final_exit_error(m, batches, splits.test_y, device), blocks=blocks,
+                      random_k=args.random_k, repeats=args.repeats, reorder_swaps=args.reorder_swaps, seed=args.seed,
+                      progress=lambda line: print(line, file=sys.stderr, flush=True))
+    result = {"run_id": args.run_id, "method": cfg.method, "test_images": int(len(splits.test_y)),
+              **lesion.summary(df)}
+    k = method.num_exits(cfg.model)
+    logged = run.data.metrics.get(f"test_acc_exit_{k - 1}")
+    result["logged_test_error"] = None if logged is None else 1.0 - logged
+    result["reproduced"] = None if logged is None or args.test_subset is not None \
+        else abs((1.0 - logged) - result["baseline_error"]) < 0.5 / len(splits.test_y)
+    if not args.no_log:
+        title = f"lesion study: {cfg.method} run {args.run_id[:12]} ({len(splits.test_y)} test images)"
+        tracker.log_artifacts(args.run_id, {"lesion.parquet": df, "lesion.png": lesion.plot(df, title),
+                                            "lesion.json": json.dumps(result, indent=1)})
+    if args.format == "json":
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"lesion study of {cfg.method} run {args.run_id} on {result['test_images']} test images")
+    print(f"intact: error {result['baseline_error']:.4f}" + (
+        "" if logged is None else f" (logged at training: {1 - logged:.4f})"))
+    for r in result["single"]:
+        print(f"  unit {r['unit']:>3} deleted: error {r['error']:.4f}")
+    for r in result["random"]:
+        print(f"  {r['k']:>3} random units deleted: error {r['mean_error']:.4f} +- {r['std_error']:.4f} "
+              f"(n={r['n']})")
+    for r in result["reorder"]:
+        print(f"  {r['k']:>3} swaps: Kendall tau {r['mean_kendall_tau']:.3f}, error {r['mean_error']:.4f} +- "
+              f"{r['std_error']:.4f} (n={r['n']})")
+    if not args.no_log:
+        print(f"logged to run {args.run_id}: lesion.parquet, lesion.png, lesion.json")
     return 0
 
 
@@ -396,6 +488,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", metavar="KEY=VALUE")
     d.add_argument("--format", choices=["json", "table"], default="table")
     d.set_defaults(func=cmd_describe)
+
+    ls = sub.add_parser("lesion", help="delete or reorder residual blocks of a trained trial at test time "
+                                       "(Veit et al. 2016) and log the errors to its run")
+    ls.add_argument("--run-id", required=True, help="MLflow run id of a finished trial (resnet, elastic, aig, vgg)")
+    ls.add_argument("--blocks", default="all", help="units deleted one at a time: all, or positions like 3,7,12")
+    ls.add_argument("--random-k", type=int, default=0, help="also delete k random units, k = 1..K (0: skip)")
+    ls.add_argument("--repeats", type=int, default=10, help="random draws per k and per swap count")
+    ls.add_argument("--reorder-swaps", type=int, default=0, help="also swap s random pairs, s = 1..S (0: skip)")
+    ls.add_argument("--seed", type=int, default=0)
+    ls.add_argument("--test-subset", type=int, help="class-balanced test subset (default: the trial's own test set)")
+    ls.add_argument("--data-dir", help="dataset folder (default: DYNASTUDY_DATA)")
+    ls.add_argument("--device", default="cpu")
+    ls.add_argument("--threads", type=int)
+    ls.add_argument("--no-log", action="store_true", help="print only; log nothing to the run")
+    ls.add_argument("--format", choices=["json", "table"], default="table")
+    _common_tracking(ls)
+    ls.set_defaults(func=cmd_lesion)
 
     st = sub.add_parser("studies", help="list the studies in the tracking store")
     _common_tracking(st)

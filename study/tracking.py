@@ -6,8 +6,11 @@
                   artifacts; params = the flat resolved config; tags: study, method, trial, config hash, node
   metrics         per epoch (step = epoch): train_loss, val_acc, macs, epoch_time_s, images_per_s, lr,
                   val_acc_exit_<k>; at the end: val_acc, test_acc, macs, test_macs, macs_full,
-                  val_acc_exit_<k>, test_acc_exit_<k>, macs_exit_<k>, exit_fraction_<k>
-  artifacts       frontier.parquet (every operating point of the exit-policy grid), cost.json, config.yaml
+                  val_acc_exit_<k>, test_acc_exit_<k>, macs_exit_<k>, exit_fraction_<k>, train_macs;
+                  gated networks: gate_rate_<l> (validation execution rate of gated layer l), gate_rate_mean
+  artifacts       frontier.parquet (every operating point of the exit-policy grid), cost.json, config.yaml,
+                  model.pt (the trained state_dict), gate_rates.parquet (gated networks: rate per layer per
+                  class), lesion.parquet + lesion.png (after `dynastudy lesion`)
 
 Only the MlflowClient API is used (no global active run), so several trials can log from one process.
 """
@@ -43,6 +46,7 @@ TAG_PARENT = "mlflow.parentRunId"
 FRONTIER = "frontier.parquet"
 COST = "cost.json"
 CONFIG = "config.yaml"
+WEIGHTS = "model.pt"
 
 
 def default_tracking_uri(results_dir: Path) -> str:
@@ -183,7 +187,7 @@ class Tracker:
     def log_final(self, run_id: str, final, step: int) -> None:
         """The trial's result: operating point, per-exit accuracy and cost, the frontier and the cost card."""
         metrics = {"val_acc": final.val_acc, "test_acc": final.test_acc, "macs": final.macs,
-                   "test_macs": final.test_macs, "macs_full": final.cost.total}
+                   "test_macs": final.test_macs, "macs_full": final.cost.total, **final.metrics}
         for k, m in enumerate(final.cost.exits):
             metrics[f"macs_exit_{k}"] = m
             metrics[f"val_acc_exit_{k}"] = final.exit_val_acc[k]
@@ -193,9 +197,46 @@ class Tracker:
         with tempfile.TemporaryDirectory() as d:
             final.frontier.to_parquet(Path(d) / FRONTIER, index=False)
             (Path(d) / COST).write_text(json.dumps(final.cost.to_dict(), indent=1))
-            self.client.log_artifact(run_id, str(Path(d) / FRONTIER))
-            self.client.log_artifact(run_id, str(Path(d) / COST))
+            for name, table in final.tables.items():
+                table.to_parquet(Path(d) / f"{name}.parquet", index=False)
+            if final.weights is not None:
+                import torch
 
+                torch.save(final.weights, Path(d) / WEIGHTS)
+            for f in sorted(Path(d).iterdir()):
+                self.client.log_artifact(run_id, str(f))
+
+    def log_artifacts(self, run_id: str, files: dict[str, Any]) -> None:
+        """Write {file name: DataFrame | bytes | str} to the run's artifacts."""
+        with tempfile.TemporaryDirectory() as d:
+            for name, obj in files.items():
+                path = Path(d) / name
+                if hasattr(obj, "to_parquet"):
+                    obj.to_parquet(path, index=False)
+                elif isinstance(obj, bytes):
+                    path.write_bytes(obj)
+                else:
+                    path.write_text(str(obj))
+                self.client.log_artifact(run_id, str(path))
+
+    def load_trial(self, run_id: str):
+        """A finished trial's run, resolved config (flat keys) and trained weights, from the tracking store."""
+        import torch
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            raise ConfigError(f"no run {run_id!r} in the tracking store {self.uri}") from None
+        with tempfile.TemporaryDirectory() as d:
+            try:
+                config = yaml.safe_load(Path(self.client.download_artifacts(run_id, CONFIG, d)).read_text())
+                weights = torch.load(self.client.download_artifacts(run_id, WEIGHTS, d), map_location="cpu",
+                                     weights_only=True)
+            except (MlflowException, OSError):
+                raise ConfigError(f"run {run_id} has no trained model ({CONFIG} and {WEIGHTS} artifacts); only "
+                                  f"trials that finished training have one (its status: {run.info.status})") from None
+        return run, config, weights
     def fail(self, run_id: str, reason: str) -> None:
         self.client.set_tag(run_id, TAG_FAIL, reason[:5000])
         self.client.set_terminated(run_id, "FAILED")

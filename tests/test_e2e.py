@@ -3,7 +3,8 @@
 The first test sweeps real CIFAR-10 (a small subset, one epoch) and checks MLflow through `mlflow.search_runs`,
 `pareto --format json`, `best`, replaying the best config with `run`, and the Optuna study. The second runs
 ASHA over two methods on synthetic data and checks that early-stopped trials are PRUNED in Optuna and closed in
-MLflow, and that a second sweep continues the same study.
+MLflow, and that a second sweep continues the same study. Then divergence, Ctrl-C, and issue 4's path: `aig`
+swept into one study with `resnet` and `elastic`, one Pareto front, `best` for aig, and the lesion study.
 """
 
 from __future__ import annotations
@@ -234,3 +235,61 @@ def test_ctrl_c_leaves_nothing_running(tmp_path):
     assert {r.info.status for r in runs if r.data.tags["dynastudy.kind"] == "sweep"} == {"KILLED"}
     trials = optuna.load_study(study_name="int", storage=f"sqlite:///{res}/optuna.db").trials
     assert trials and all(t.state.name != "RUNNING" for t in trials)
+
+
+def test_aig_next_to_resnet_and_elastic_then_the_lesion_study(tmp_path, cifar_dir):
+    """Issue 4's 'done means': aig swept into one study with resnet and elastic, all three on one front, the best
+    aig point under a MACs budget, and the lesion study on trained residual trials, logged to their runs."""
+    res = tmp_path / "res"
+    uri = f"sqlite:///{res}/mlflow.db"
+    common = ["--study", "dyn", "--dataset", "cifar10", "--data-dir", str(cifar_dir), "--subset", "500",
+              "--epochs", "1", "--set", "model.depth=20", "--set", "data.val_size=1000",
+              "--set", "data.test_subset=1000", "--results-dir", str(res)]
+    dynastudy("sweep", "--method", "aig", "--trials", "2", "--concurrency", "2", *common)
+    dynastudy("sweep", "--method", "resnet", "--trials", "1", "--concurrency", "1", *common)
+    dynastudy("sweep", "--method", "elastic", "--trials", "1", "--concurrency", "1", *common)
+
+    trials = search_runs(uri, "dyn", "tags.`dynastudy.kind` = 'trial'")
+    by_method = {r.data.tags["dynastudy.method"]: r for r in trials}
+    assert len(trials) == 4 and set(by_method) == {"aig", "resnet", "elastic"}
+    client = mlflow.MlflowClient(uri)
+    for run in (r for r in trials if r.data.tags["dynastudy.method"] == "aig"):
+        m = run.data.metrics
+        rates = [m[f"gate_rate_{l}"] for l in range(9)]
+        assert all(0 <= r <= 1 for r in rates) and m["gate_rate_mean"] == pytest.approx(sum(rates) / 9)
+        assert 0 < m["macs"] <= m["macs_full"]
+        assert {"gate_rates.parquet", "model.pt"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    # One front over the three methods, and each method's own points.
+    pts = json.loads(dynastudy("pareto", "--study", "dyn", "--format", "json", "--results-dir", str(res)).stdout)
+    assert pts and {p["method"] for p in pts} <= {"aig", "resnet", "elastic"}
+    aig_pts = json.loads(dynastudy("pareto", "--study", "dyn", "--method", "aig", "--format", "json",
+                                   "--results-dir", str(res)).stdout)
+    assert aig_pts and {p["method"] for p in aig_pts} == {"aig"}
+    budget = max(p["macs"] for p in aig_pts)
+    best = json.loads(dynastudy("best", "--study", "dyn", "--method", "aig", "--max-macs", str(budget),
+                                "--format", "json", "--results-dir", str(res)).stdout)
+    assert best["config"]["method"] == "aig" and best["macs"] <= budget
+    assert {"model.target", "model.lam", "model.tau", "model.cutoff"} <= set(best["config"])
+
+    # The lesion study reproduces each trial's logged test accuracy and logs its rows, summary and plot.
+    for method in ("resnet", "aig"):
+        run = by_method[method]
+        out = json.loads(dynastudy("lesion", "--run-id", run.info.run_id, "--blocks", "0,4", "--random-k", "2",
+                                   "--repeats", "2", "--reorder-swaps", "1", "--format", "json", "--data-dir",
+                                   str(cifar_dir), "--results-dir", str(res)).stdout)
+        assert out["reproduced"] is True
+        assert out["baseline_error"] == pytest.approx(1 - run.data.metrics["test_acc_exit_0"], abs=1e-9)
+        assert [r["unit"] for r in out["single"]] == [0, 4] and [r["k"] for r in out["random"]] == [1, 2]
+        assert out["reorder"][0]["mean_kendall_tau"] < 1
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"lesion.parquet", "lesion.png", "lesion.json"} <= names
+
+    # Bad lesion input: one line, exit 2, nothing logged.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    for args, message in ((["--run-id", "0123abc"], "no run '0123abc'"),
+                          (["--run-id", by_method["resnet"].info.run_id, "--blocks", "3,99"],
+                           "cannot be deleted; deletable units: 0,1,2,3,4,5,6,7,8")):
+        r = subprocess.run([sys.executable, "-m", "study.cli", "lesion", *args, "--results-dir", str(res)],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -6,12 +6,20 @@ forward pass, each head tagged with the exit it produces. Each segment's MACs ar
 and matrix products are counted; BatchNorm, activations, pooling and element-wise ops count 0), and the
 cumulative cost of exit k is everything that runs before it, every earlier head included: a sample that
 leaves at exit k paid for heads 0..k (methods.md section 7).
+
+Dynamic parts: a segment tagged with `gate=l` runs only for the samples whose gate l is open (ConvNet-AIG), so
+a sample's cost is the static cost minus the gated segments it skipped (`CostModel.per_sample`); a segment's
+`train_fraction` is the expected fraction of training samples that run it (stochastic depth), which gives the
+expected training MACs. A model whose parts do not all run on every input provides `full_compute()`, a context
+manager under which they do, for the one measuring pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -22,6 +30,8 @@ class Segment:
     name: str
     module: nn.Module
     exit: int | None = None  # the exit this head produces, None for a backbone part
+    gate: int | None = None  # runs only for samples whose gate `gate` is open
+    train_fraction: float = 1.0  # expected fraction of training samples that run it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,16 +40,52 @@ class CostModel:
 
     blocks: tuple[tuple[str, int], ...]
     exits: tuple[int, ...]
+    gates: tuple[int | None, ...] = ()  # per block: the gate it depends on
+    exit_blocks: tuple[int, ...] = ()  # per exit: the index of its head in `blocks`
+    train_fractions: tuple[float, ...] = ()  # per block
 
     @property
     def total(self) -> int:
         """The whole network, every head included."""
         return sum(m for _, m in self.blocks)
 
+    @property
+    def num_gates(self) -> int:
+        return len({g for g in self.gates if g is not None})
+
+    @property
+    def train_total(self) -> float:
+        """Expected forward MACs of one training image (stochastic depth skips branches in training)."""
+        fractions = self.train_fractions or (1.0,) * len(self.blocks)
+        return float(sum(f * m for f, (_, m) in zip(fractions, self.blocks)))
+
+    def per_sample(self, gates: np.ndarray | None, n: int) -> np.ndarray:
+        """Cumulative MACs to reach every exit, per sample: float64 [exits, n]. `gates` [n, num_gates] holds the
+        0/1 decisions of a gated network (None for a static one)."""
+        static = np.broadcast_to(np.asarray(self.exits, dtype=np.float64)[:, None], (len(self.exits), n))
+        if gates is None or self.num_gates == 0:
+            return static.copy()
+        gates = np.asarray(gates, dtype=np.float64)
+        if gates.shape != (n, self.num_gates):
+            raise ValueError(f"gates of shape {gates.shape}; this network has {self.num_gates} gates for {n} samples")
+        saved = np.zeros((len(self.blocks), n))
+        for i, g in enumerate(self.gates):
+            if g is not None:
+                saved[i] = (1.0 - gates[:, g]) * self.blocks[i][1]
+        saved_before = np.cumsum(saved, axis=0)[list(self.exit_blocks)]
+        return static - saved_before
+
     def to_dict(self) -> dict:
-        return {"macs": self.total,
-                "exits": [{"exit": k, "macs": m} for k, m in enumerate(self.exits)],
-                "blocks": [{"name": n, "macs": m} for n, m in self.blocks]}
+        blocks = []
+        for i, (n, m) in enumerate(self.blocks):
+            b = {"name": n, "macs": m}
+            if self.gates and self.gates[i] is not None:
+                b["gate"] = self.gates[i]
+            if self.train_fractions and self.train_fractions[i] != 1.0:
+                b["train_fraction"] = self.train_fractions[i]
+            blocks.append(b)
+        return {"macs": self.total, "train_macs": self.train_total,
+                "exits": [{"exit": k, "macs": m} for k, m in enumerate(self.exits)], "blocks": blocks}
 
 
 def count_macs(model: nn.Module, x: torch.Tensor) -> int:
@@ -70,7 +116,8 @@ def measure(model: nn.Module, image_size: int, device: str | torch.device = "cpu
 
             handles += [seg.module.register_forward_pre_hook(pre), seg.module.register_forward_hook(post)]
         try:
-            model(x)
+            with getattr(model, "full_compute", contextlib.nullcontext)():
+                model(x)
         finally:
             for h in handles:
                 h.remove()
@@ -82,12 +129,17 @@ def measure(model: nn.Module, image_size: int, device: str | torch.device = "cpu
     if sum(macs.values()) != total:
         raise RuntimeError(f"segments account for {sum(macs.values()) // 2} of {total // 2} MACs: "
                            "a module that computes is missing from segments()")
-    blocks, exits, running = [], {}, 0
+    blocks, exits, exit_blocks, running = [], {}, {}, 0
     for i, seg in enumerate(segments):
         running += macs[i] // 2
         blocks.append((seg.name, macs[i] // 2))
         if seg.exit is not None:
-            exits[seg.exit] = running
+            exits[seg.exit], exit_blocks[seg.exit] = running, i
     if sorted(exits) != list(range(len(exits))):
         raise RuntimeError(f"exit indices {sorted(exits)} are not 0..K-1")
-    return CostModel(blocks=tuple(blocks), exits=tuple(exits[k] for k in range(len(exits))))
+    gates = tuple(seg.gate for seg in segments)
+    if {g for g in gates if g is not None} != set(range(len({g for g in gates if g is not None}))):
+        raise RuntimeError(f"gate indices {sorted({g for g in gates if g is not None})} are not 0..L-1")
+    return CostModel(blocks=tuple(blocks), exits=tuple(exits[k] for k in range(len(exits))), gates=gates,
+                     exit_blocks=tuple(exit_blocks[k] for k in range(len(exits))),
+                     train_fractions=tuple(seg.train_fraction for seg in segments))

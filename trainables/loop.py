@@ -4,6 +4,8 @@
 `EpochReport` (metrics plus a `state()` to checkpoint). The last epoch also evaluates the test split (reported
 only), caches per-exit softmax outputs of both splits and computes the trial's frontier and operating point.
 It knows nothing of Ray or MLflow: `tune_adapter.py` reports and checkpoints, `study/tracking.py` logs.
+A gated network's per-sample gate decisions come with the softmax outputs: they give each sample's MACs and
+the execution rate of every gated layer (per class too).
 
 Speed habits from fast CIFAR trainers that do not change the method: the data stays on the device as uint8,
 augmentation runs on whole batches, `channels_last`, bf16 autocast on GPU, and the loss is accumulated on the
@@ -58,6 +60,9 @@ class FinalResult:
     cost: cost_lib.CostModel
     frontier: pd.DataFrame
     val_exit_fractions: tuple[float, ...]
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # method-specific (gate rates)
+    tables: dict[str, pd.DataFrame] = dataclasses.field(default_factory=dict)  # logged as <name>.parquet
+    weights: dict[str, Any] | None = None  # the trained model's state_dict, on the CPU
 
 
 @dataclasses.dataclass
@@ -88,21 +93,62 @@ def _lr_lambda(cfg: TrialConfig, steps_per_epoch: int) -> Callable[[int], float]
 
 
 @torch.no_grad()
-def exit_probs(model: torch.nn.Module, batches: Batches, device: torch.device) -> np.ndarray:
-    """Softmax outputs of every exit over a split: float32 [exits, samples, classes]."""
+def exit_probs(model: torch.nn.Module, batches: Batches, device: torch.device) -> tuple[np.ndarray, np.ndarray | None]:
+    """Softmax outputs of every exit over a split, float32 [exits, samples, classes], and the gate decisions
+    [samples, gates] of a gated network (else None)."""
     model.eval()
-    chunks = []
+    chunks, gates = [], []
     for xb, _ in batches.epoch():
         with _autocast(device):
             out = model(xb)
         chunks.append(torch.stack([z.float().softmax(-1) for z in out.logits]).cpu())
-    return torch.cat(chunks, dim=1).numpy()
+        if "gates" in out.aux:
+            gates.append(out.aux["gates"].float().cpu())
+    return torch.cat(chunks, dim=1).numpy(), (torch.cat(gates).numpy() if gates else None)
+
+
+def exit_cache(model: torch.nn.Module, batches: Batches, labels: np.ndarray, cost: cost_lib.CostModel,
+               device: torch.device) -> tuple[policies.ExitCache, np.ndarray | None]:
+    probs, gates = exit_probs(model, batches, device)
+    macs = cost.per_sample(gates, len(labels)) if gates is not None else None
+    return policies.ExitCache(probs, labels, macs), gates
+
+
+def gate_names(cost: cost_lib.CostModel) -> list[str]:
+    """The block each gate switches, by gate index."""
+    names = {g: name.split(".")[0] for (name, _), g in zip(cost.blocks, cost.gates) if g is not None}
+    return [names[g] for g in range(len(names))]
+
+
+def gate_rates(gates: np.ndarray, labels: np.ndarray, names: list[str]) -> tuple[dict[str, float], pd.DataFrame]:
+    """Execution rate of every gated layer (metrics gate_rate_<l>, gate_rate_mean) and per class (a table)."""
+    rates = gates.mean(axis=0)
+    metrics = {f"gate_rate_{l}": float(r) for l, r in enumerate(rates)}
+    metrics["gate_rate_mean"] = float(rates.mean())
+    rows = []
+    for c in np.unique(labels):
+        mask = labels == c
+        for l, r in enumerate(gates[mask].mean(axis=0)):
+            rows.append({"layer": l, "block": names[l], "class": int(c), "rate": float(r), "count": int(mask.sum())})
+    return metrics, pd.DataFrame(rows, columns=["layer", "block", "class", "rate", "count"])
 
 
 def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
+
+
+def eval_batches(splits: Splits, which: str, device: torch.device, channels_last: bool = True) -> Batches:
+    """The validation or test split, normalised with the training split's channel statistics (as in `fit`)."""
+    mean, std = channel_stats(splits.train_x)
+    x, y = (splits.val_x, splits.val_y) if which == "val" else (splits.test_x, splits.test_y)
+    return Batches(x, y, EVAL_BATCH, device, mean, std, channels_last=channels_last)
+
+
+def final_exit_error(model: torch.nn.Module, batches: Batches, labels: np.ndarray, device: torch.device) -> float:
+    probs, _ = exit_probs(model, batches, device)
+    return float((probs[-1].argmax(-1) != labels).mean())
 
 
 def operating_point(cfg: TrialConfig, cache: policies.ExitCache, cum_macs) -> policies.Outcome:
@@ -126,13 +172,15 @@ def fit(cfg: TrialConfig, splits: Splits, ctx: RunContext = RunContext(),
     o = cfg.optim
     train = Batches(splits.train_x, splits.train_y, o.batch_size, device, mean, std, augment=cfg.data.augment,
                     shuffle=True, channels_last=ctx.channels_last)
-    val = Batches(splits.val_x, splits.val_y, EVAL_BATCH, device, mean, std, channels_last=ctx.channels_last)
+    val = eval_batches(splits, "val", device, ctx.channels_last)
     decay, no_decay = [], []
     for p in model.parameters():  # no weight decay on BatchNorm and biases
         (no_decay if p.ndim <= 1 else decay).append(p)
     opt = torch.optim.SGD([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0}],
                           lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(train)))
+    total_steps = o.epochs * len(train)
+    set_progress = getattr(model, "set_progress", None)
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -153,6 +201,8 @@ def fit(cfg: TrialConfig, splits: Splits, ctx: RunContext = RunContext(),
         loss_sum = torch.zeros((), device=device)
         seen = 0
         for step, (xb, yb) in enumerate(train.epoch(gen)):
+            if set_progress is not None:
+                set_progress((epoch * len(train) + step) / total_steps)
             with _autocast(device):
                 out = model(xb)
                 loss = method.loss(out, yb, cfg.model, o.label_smoothing)
@@ -169,23 +219,27 @@ def fit(cfg: TrialConfig, splits: Splits, ctx: RunContext = RunContext(),
             raise Diverged(f"training loss is {train_loss} at epoch {epoch + 1}")
         train_time = time.perf_counter() - t0
 
-        val_cache = policies.ExitCache(exit_probs(model, val, device), splits.val_y)
+        val_cache, val_gates = exit_cache(model, val, splits.val_y, cost, device)
         point = operating_point(cfg, val_cache, cost.exits)
         exit_acc = val_cache.correct.mean(axis=1) if len(splits.val_y) else np.full(val_cache.num_exits, np.nan)
         metrics = {"train_loss": train_loss, "val_acc": point.acc, "macs": point.macs,
-                   "epoch_time_s": time.perf_counter() - t0, "images_per_s": seen / train_time,
-                   "lr": opt.param_groups[0]["lr"]}
+                   "train_macs": cost.train_total, "epoch_time_s": time.perf_counter() - t0,
+                   "images_per_s": seen / train_time, "lr": opt.param_groups[0]["lr"]}
         metrics.update({f"val_acc_exit_{k}": float(a) for k, a in enumerate(exit_acc)})
+        gate_metrics, gate_table = ({}, None) if val_gates is None \
+            else gate_rates(val_gates, splits.val_y, gate_names(cost))
+        metrics.update(gate_metrics)
         final = None
         if epoch + 1 == o.epochs:
-            test = Batches(splits.test_x, splits.test_y, EVAL_BATCH, device, mean, std,
-                           channels_last=ctx.channels_last)
-            test_cache = policies.ExitCache(exit_probs(model, test, device), splits.test_y)
+            test = eval_batches(splits, "test", device, ctx.channels_last)
+            test_cache, _ = exit_cache(model, test, splits.test_y, cost, device)
             test_point = operating_point(cfg, test_cache, cost.exits)
             final = FinalResult(
                 val_acc=point.acc, test_acc=test_point.acc, macs=point.macs, test_macs=test_point.macs,
                 exit_val_acc=[float(a) for a in exit_acc],
                 exit_test_acc=[float(a) for a in test_cache.correct.mean(axis=1)],
                 cost=cost, frontier=policies.frontier(val_cache, test_cache, cost.exits, operating=cfg.policy),
-                val_exit_fractions=point.exit_fractions)
+                val_exit_fractions=point.exit_fractions, metrics=gate_metrics,
+                tables={"gate_rates": gate_table} if gate_table is not None else {},
+                weights={k: v.detach().cpu() for k, v in model.state_dict().items()})
         yield EpochReport(epoch + 1, o.epochs, metrics, snapshot(epoch + 1), final)

@@ -2,7 +2,9 @@
 
 One pass over a split gives `ExitCache` (softmax of every exit for every sample); every policy is then a
 vectorised function of the cache returning, per sample, the exit it leaves at. Expected MACs are
-sum_k (fraction exiting at k) x cumulative MACs of exit k (heads of earlier exits included, see cost.py).
+sum_k (fraction exiting at k) x cumulative MACs of exit k (heads of earlier exits included, see cost.py); for a
+gated network the cache also holds each sample's own cumulative MACs (the branches its gates skipped are free)
+and the expected MACs are their mean over the samples at their exits.
 
 Policies:
   confidence  exit at the first k whose max-softmax >= tau_k (one tau shared, or one per exit); the last exit
@@ -30,15 +32,19 @@ CONFIDENCE_GRID = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 13),
 
 @dataclasses.dataclass(frozen=True)
 class ExitCache:
-    """Softmax outputs of every exit on one split: probs[k, n, c], with the labels."""
+    """Softmax outputs of every exit on one split: probs[k, n, c], with the labels, and for a gated network
+    macs[k, n], the cumulative MACs sample n pays to reach exit k (None: the static per-exit costs)."""
 
     probs: np.ndarray
     labels: np.ndarray
+    macs: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.probs.ndim != 3 or self.probs.shape[1] != len(self.labels):
             raise ValueError(f"probs must be [exits, samples, classes] matching {len(self.labels)} labels, "
                              f"got {self.probs.shape}")
+        if self.macs is not None and self.macs.shape != self.probs.shape[:2]:
+            raise ValueError(f"macs must be [exits, samples] = {self.probs.shape[:2]}, got {self.macs.shape}")
 
     @property
     def num_exits(self) -> int:
@@ -84,8 +90,9 @@ def evaluate(cache: ExitCache, exits: np.ndarray, cum_macs: Sequence[int]) -> Ou
         return Outcome(float("nan"), float("nan"), tuple(0.0 for _ in cum_macs))
     correct = cache.correct[exits, np.arange(n)]
     fractions = np.bincount(exits, minlength=cache.num_exits) / n
-    return Outcome(float(correct.mean()), float(fractions @ np.asarray(cum_macs, dtype=np.float64)),
-                   tuple(float(f) for f in fractions))
+    macs = float(cache.macs[exits, np.arange(n)].mean()) if cache.macs is not None \
+        else float(fractions @ np.asarray(cum_macs, dtype=np.float64))
+    return Outcome(float(correct.mean()), macs, tuple(float(f) for f in fractions))
 
 
 def exits_for(policy, cache: ExitCache) -> np.ndarray:

@@ -9,6 +9,12 @@ A method module defines:
                                 lists its parts in execution order for cost accounting;
   loss(out, y, hp, label_smoothing) -> Tensor
                                 the training loss over all exits.
+
+Optional, where a method needs them:
+  model.set_progress(fraction)  called every training step with the fraction of training done (annealing);
+  model.full_compute()          a context manager under which every dynamic part runs (cost measurement);
+  model.lesion_units()          the units a lesion study may delete or reorder (trainables/lesion.py);
+  out.aux["gates"]              [N, L] 0/1 gate decisions, for per-sample MACs and gate-rate logs.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from trainables.hparams import ConfigError
 METHODS: dict[str, str] = {
     "resnet": "trainables.methods.resnet",
     "elastic": "trainables.methods.elastic",
+    "aig": "trainables.methods.aig",
+    "vgg": "trainables.methods.vgg",
 }
 
 

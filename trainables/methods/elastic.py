@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from trainables.cost import Segment
 from trainables.hparams import ConfigError, Hparams as _Hparams, hp
-from trainables.models.cifar_resnet import DEPTHS, CifarResNet, PoolLinear, blocks_per_stage
+from trainables.models.cifar_resnet import DEPTHS, CifarResNet, PoolLinear, block_segments, blocks_per_stage
 from trainables.outputs import MultiExitOutput
 
 NAME = "elastic"
@@ -73,10 +73,13 @@ class Elastic(nn.Module):
     def segments(self) -> list[Segment]:
         segs = [Segment("stem", self.net.stem)]
         for i, block in enumerate(self.net.blocks):
-            segs.append(Segment(f"block{i}", block))
+            segs += block_segments(f"block{i}", block)
             head = self.heads[i] if i < len(self.heads) else self.net.head
             segs.append(Segment(f"head{i}", head, exit=i))
         return segs
+
+    def lesion_units(self):
+        return self.net.lesion_units()
 
 
 def build(hp: Hparams, num_classes: int) -> Elastic:

@@ -1,4 +1,12 @@
-"""`resnet`: the plain CIFAR ResNet (He et al., CVPR 2016), a single-exit baseline for every dynamic method."""
+"""`resnet`: the plain CIFAR ResNet (He et al., CVPR 2016), the single-exit baseline of every dynamic method, with
+optional stochastic depth (Huang, Sun, Liu, Sedra, Weinberger, "Deep Networks with Stochastic Depth", ECCV 2016).
+
+Stochastic depth: block l's residual branch survives training with probability p_l = 1 - (l/L)(1 - p_L) (linear
+decay to `survival_last` = p_L; 1 turns it off), drawn per minibatch as in the paper or per sample
+(`drop_mode`; torchvision's "row" mode), and is scaled by p_l at test time. A dropped branch is not computed,
+so the expected training MACs (logged as `train_macs`) are the executed fraction; the test-time cost is the
+full network.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +18,23 @@ import torch.nn.functional as F
 
 from trainables.cost import Segment
 from trainables.hparams import Hparams as _Hparams, hp
-from trainables.models.cifar_resnet import DEPTHS, CifarResNet
+from trainables.models.cifar_resnet import DEPTHS, CifarResNet, block_segments, linear_survival
 from trainables.outputs import MultiExitOutput
 
 NAME = "resnet"
-PAPER = "He, Zhang, Ren, Sun. Deep Residual Learning for Image Recognition. CVPR 2016."
+PAPER = ("He, Zhang, Ren, Sun. Deep Residual Learning for Image Recognition. CVPR 2016. Stochastic depth: Huang, "
+         "Sun, Liu, Sedra, Weinberger. Deep Networks with Stochastic Depth. ECCV 2016.")
+DROP_MODES = ("batch", "sample")
 
 
 @dataclasses.dataclass(frozen=True)
 class Hparams(_Hparams):
     depth: int = hp(20, "CIFAR ResNet depth (6n+2)", choices=DEPTHS)
+    survival_last: float = hp(1.0, "stochastic depth: survival probability p_L of the last block, decaying "
+                                    "linearly from 1 (1 = no stochastic depth; the paper uses 0.5)",
+                              low=0.05, high=1.0)
+    drop_mode: str = hp("batch", "stochastic depth: drop a branch per minibatch (the paper) or per sample",
+                        choices=DROP_MODES)
 
 
 def num_exits(hp: Hparams) -> int:
@@ -30,14 +45,20 @@ class ResNet(nn.Module):
     def __init__(self, hp: Hparams, num_classes: int) -> None:
         super().__init__()
         self.net = CifarResNet(hp.depth, num_classes)
+        for block, p in zip(self.net.blocks, linear_survival(len(self.net.blocks), hp.survival_last)):
+            block.survival, block.drop_mode = p, hp.drop_mode
 
     def forward(self, x: torch.Tensor) -> MultiExitOutput:
         return MultiExitOutput([self.net(x)])
 
     def segments(self) -> list[Segment]:
-        return ([Segment("stem", self.net.stem)]
-                + [Segment(f"block{i}", b) for i, b in enumerate(self.net.blocks)]
-                + [Segment("head", self.net.head, exit=0)])
+        segs = [Segment("stem", self.net.stem)]
+        for i, b in enumerate(self.net.blocks):
+            segs += block_segments(f"block{i}", b, train_fraction=b.survival)
+        return segs + [Segment("head", self.net.head, exit=0)]
+
+    def lesion_units(self):
+        return self.net.lesion_units()
 
 
 def build(hp: Hparams, num_classes: int) -> ResNet:

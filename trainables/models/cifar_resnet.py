@@ -8,9 +8,13 @@ The blocks are kept in one flat list so that methods can attach exits, gates or 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from trainables.cost import Segment
 
 DEPTHS = (20, 32, 56, 110)
 WIDTHS = (16, 32, 64)
@@ -23,21 +27,70 @@ def blocks_per_stage(depth: int) -> int:
 
 
 class BasicBlock(nn.Module):
+    """relu(shortcut(x) + residual(x)), with the switches the residual-block studies need:
+
+    gate            (forward argument) a 0/1 decision per sample (ConvNet-AIG): `execution="skip"` runs the
+                    branch on the open samples only and scatters the result back, "mask" computes it for all
+                    and multiplies by the gate (the only way gradients reach the gate in training).
+    lesioned        the residual branch is deleted (test time, Veit et al. 2016): relu(shortcut(x)) only.
+    survival        stochastic depth (Huang et al. 2016): in training the branch runs with probability
+                    `survival`, per minibatch (`drop_mode="batch"`, the paper) or per sample ("sample"); a
+                    dropped branch is not computed (per sample: the branch runs on the kept sub-batch only).
+                    At test time the branch is scaled by `survival`, as in the paper.
+    """
+
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.residual = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+                                      nn.ReLU(inplace=True), nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                                      nn.BatchNorm2d(cout))
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.cin, self.cout, self.stride = cin, cout, stride
+        self.lesioned = False
+        self.survival = 1.0
+        self.drop_mode = "batch"
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+    @property
+    def downsamples(self) -> bool:
+        return not isinstance(self.shortcut, nn.Identity)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None, execution: str = "skip") -> torch.Tensor:
+        if self.lesioned:
+            return F.relu(self.shortcut(x))
+        if gate is not None:
+            if execution == "mask":
+                return F.relu(self.shortcut(x) + gate.view(-1, 1, 1, 1) * self.residual(x))
+            open_ = gate.nonzero().squeeze(1)
+            if len(open_) == len(gate):
+                return F.relu(self.shortcut(x) + self.residual(x))
+            out = self.shortcut(x)
+            if len(open_):
+                out = out.index_add(0, open_, self.residual(x.index_select(0, open_)))
+            return F.relu(out)
+        if self.survival < 1.0:
+            if not self.training:
+                return F.relu(self.shortcut(x) + self.survival * self.residual(x))
+            if self.drop_mode == "batch":
+                if torch.rand(()) >= self.survival:
+                    return F.relu(self.shortcut(x))
+            else:
+                keep = (torch.rand(x.shape[0], device=x.device) < self.survival).nonzero().squeeze(1)
+                return F.relu(self.shortcut(x).index_add(0, keep, self.residual(x.index_select(0, keep))))
         return F.relu(self.shortcut(x) + self.residual(x))
+
+
+def block_segments(name: str, block: nn.Module, **residual_kw) -> list[Segment]:
+    """Cost segments of one residual block: its projection shortcut (when it has one) and its residual branch,
+    apart, because gating, stochastic depth and lesions act on the branch alone."""
+    segs = [Segment(f"{name}.shortcut", block.shortcut)] if block.downsamples else []
+    return segs + [Segment(f"{name}.residual", block.residual, **residual_kw)]
+
+
+def linear_survival(num_blocks: int, survival_last: float) -> list[float]:
+    """Stochastic depth's linear decay: p_l = 1 - (l / L)(1 - p_L) for blocks l = 1..L."""
+    return [1.0 - (l / num_blocks) * (1.0 - survival_last) for l in range(1, num_blocks + 1)]
 
 
 class Stem(nn.Sequential):
@@ -68,7 +121,7 @@ class CifarResNet(nn.Module):
                 blocks.append(BasicBlock(cin, width, 2 if stage > 0 and i == 0 else 1))
                 cin = width
         self.blocks = nn.ModuleList(blocks)
-        self.block_widths = [b.conv2.out_channels for b in blocks]
+        self.block_widths = [b.cout for b in blocks]
         self.head = PoolLinear(cin, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -82,3 +135,27 @@ class CifarResNet(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(x)
+
+    def lesion_units(self) -> "LesionUnits":
+        return residual_lesion_units(self.blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class LesionUnits:
+    """What a lesion study may act on (trainables/lesion.py): `container` lists the units in execution order;
+    `deletable` are the positions whose unit has a `lesioned` switch; `swap_groups` are groups of positions
+    whose units take and give tensors of one shape, so any two of a group may trade places."""
+
+    container: nn.ModuleList
+    deletable: tuple[int, ...]
+    swap_groups: tuple[tuple[int, ...], ...]
+
+
+def residual_lesion_units(blocks: nn.ModuleList) -> LesionUnits:
+    """Every block can lose its branch (a downsampling block keeps its projection); blocks of one stage with an
+    identity shortcut can be reordered."""
+    groups: dict[int, list[int]] = {}
+    for i, b in enumerate(blocks):
+        if not b.downsamples:
+            groups.setdefault(b.cout, []).append(i)
+    return LesionUnits(blocks, tuple(range(len(blocks))), tuple(tuple(g) for g in groups.values() if len(g) > 1))
