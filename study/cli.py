@@ -182,10 +182,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _point_records(df) -> list[dict[str, Any]]:
     cols = ["method", "run_id", "trial", "policy", "threshold", "exit", "val_acc", "test_acc", "macs", "test_macs",
             "params"]
+    from study.queries import point_overrides
+
     records = []
-    for row in df[cols].to_dict(orient="records"):
+    for (_, point), row in zip(df.iterrows(), df[cols].to_dict(orient="records")):
         row["threshold"] = None if row["threshold"] != row["threshold"] else row["threshold"]  # NaN -> null
         row["exit"] = int(row["exit"])
+        row["overrides"] = point_overrides(point)
         records.append(row)
     return records
 
@@ -226,11 +229,14 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
 def _front_table(front, study: str) -> str:
     lines = [f"Pareto front of study {study!r} (validation accuracy vs expected MACs per image)",
-             f"{'method':<9} {'trial':<9} {'policy':<11} {'param':>7} {'val_acc':>8} {'test_acc':>8} "
+             f"{'method':<9} {'trial':<9} {'policy':<11} {'param':>16} {'val_acc':>8} {'test_acc':>8} "
              f"{'MMACs':>9}  run"]
     for r in front.itertuples():
         param = f"exit {r.exit}" if r.policy == "static" else f"{r.threshold:.4g}"
-        lines.append(f"{r.method:<9} {r.trial:<9} {r.policy:<11} {param:>7} {r.val_acc:>8.4f} {r.test_acc:>8.4f} "
+        overrides = json.loads(r.overrides) if isinstance(getattr(r, "overrides", None), str) else {}
+        param += "".join(f" {k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f" {k.split('.')[-1]}={v}"
+                         for k, v in overrides.items())
+        lines.append(f"{r.method:<9} {r.trial:<9} {r.policy:<11} {param:>16} {r.val_acc:>8.4f} {r.test_acc:>8.4f} "
                      f"{r.macs / 1e6:>9.3f}  {r.run_id[:12]}")
     return "\n".join(lines)
 

@@ -133,9 +133,17 @@ def best_point(points: pd.DataFrame, max_macs: float | None = None, min_acc: flo
     return ok.sort_values(["macs", "val_acc"], ascending=[True, False]).iloc[0]
 
 
+def point_overrides(point: pd.Series) -> dict[str, Any]:
+    """Config keys a frontier point evaluated differently from its trial (frontiers before this column: none)."""
+    text = point.get("overrides", "{}")
+    return json.loads(text) if isinstance(text, str) and text else {}
+
+
 def point_config(point: pd.Series) -> dict[str, Any]:
-    """The flat config that reproduces a frontier point: its run's params with the point's exit policy."""
+    """The flat config that reproduces a frontier point: its run's params with the point's evaluation-only
+    overrides (e.g. an AIG gate cut-off) and its exit policy."""
     cfg = dict(point["params"])
+    cfg.update(point_overrides(point))
     cfg["policy.name"] = point["policy"]
     if point["policy"] == "static":
         cfg["policy.exit"] = int(point["exit"])

@@ -3,6 +3,8 @@ against masking, and the per-sample cost model of gated networks."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -167,3 +169,17 @@ def test_fit_logs_gate_rates_and_expected_macs(tiny_splits):
     assert final.macs == pytest.approx(expected)
     assert reports[0].metrics["train_macs"] == final.cost.total  # masked in training: every branch computed
     assert set(final.weights) == set(aig.build(cfg.model, 10).state_dict())
+
+
+def test_other_cutoffs_join_the_frontier_without_retraining(tiny_splits):
+    cfg = TrialConfig.from_flat({"method": "aig", "model.depth": 20, "model.cutoff": 0.5,
+                                 "model.cutoff_grid": [0.2, 0.5, 0.9], "data.dataset": "synthetic",
+                                 "optim.epochs": 1, "optim.batch_size": 50, "policy.name": "static"})
+    assert aig.eval_variants(cfg.model) == [{"model.cutoff": 0.2}, {"model.cutoff": 0.9}]
+    final = list(fit(cfg, tiny_splits))[-1].final
+    f = final.frontier
+    own = f[f.overrides == "{}"]
+    assert set(own.policy) == {"static"} and own.macs.iloc[0] == pytest.approx(final.macs)
+    by_cutoff = {json.loads(o)["model.cutoff"]: m for o, m in zip(f.overrides, f.macs) if o != "{}"}
+    assert set(by_cutoff) == {0.2, 0.9}
+    assert by_cutoff[0.2] >= final.macs >= by_cutoff[0.9]  # a higher cut-off opens fewer gates

@@ -51,3 +51,11 @@ def test_point_config_carries_the_thresholds():
     assert conf["policy.name"] == "confidence" and conf["policy.threshold"] == 0.9
     static = queries.point_config(p.iloc[0])
     assert static["policy.name"] == "static" and static["policy.exit"] == 2
+
+
+def test_point_config_applies_evaluation_only_overrides():
+    p = _points()
+    point = p.iloc[0].copy()
+    point["overrides"] = '{"model.cutoff": 0.7}'
+    assert queries.point_config(point)["model.cutoff"] == 0.7
+    assert "model.cutoff" not in queries.point_config(p.iloc[0])  # frontiers without the column: no overrides

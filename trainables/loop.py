@@ -155,6 +155,22 @@ def operating_point(cfg: TrialConfig, cache: policies.ExitCache, cum_macs) -> po
     return policies.evaluate(cache, policies.exits_for(cfg.policy, cache), cum_macs)
 
 
+def _frontier(cfg: TrialConfig, method, model, cost, val: Batches, test: Batches, splits: Splits,
+              device: torch.device, own: pd.DataFrame) -> pd.DataFrame:
+    """The trial's frontier under its own settings, plus one under each evaluation-only variant of the method
+    (e.g. other AIG cut-offs), each row naming its variant in `overrides`."""
+    frames = [own]
+    variants = getattr(method, "eval_variants", lambda hp: [])(cfg.model)
+    for overrides in variants:
+        model.apply_eval(cfg.replace(**overrides).model)
+        v, _ = exit_cache(model, val, splits.val_y, cost, device)
+        t, _ = exit_cache(model, test, splits.test_y, cost, device)
+        frames.append(policies.frontier(v, t, cost.exits, overrides=overrides))
+    if variants:
+        model.apply_eval(cfg.model)
+    return pd.concat(frames, ignore_index=True)
+
+
 def fit(cfg: TrialConfig, splits: Splits, ctx: RunContext = RunContext(),
         state: dict[str, Any] | None = None) -> Iterator[EpochReport]:
     """Train `cfg` on `splits`, resuming from `state` (a previous report's `state()`) when given."""
@@ -238,7 +254,9 @@ def fit(cfg: TrialConfig, splits: Splits, ctx: RunContext = RunContext(),
                 val_acc=point.acc, test_acc=test_point.acc, macs=point.macs, test_macs=test_point.macs,
                 exit_val_acc=[float(a) for a in exit_acc],
                 exit_test_acc=[float(a) for a in test_cache.correct.mean(axis=1)],
-                cost=cost, frontier=policies.frontier(val_cache, test_cache, cost.exits, operating=cfg.policy),
+                cost=cost, frontier=_frontier(cfg, method, model, cost, val, test, splits, device,
+                                              policies.frontier(val_cache, test_cache, cost.exits,
+                                                                operating=cfg.policy)),
                 val_exit_fractions=point.exit_fractions, metrics=gate_metrics,
                 tables={"gate_rates": gate_table} if gate_table is not None else {},
                 weights={k: v.detach().cpu() for k, v in model.state_dict().items()})

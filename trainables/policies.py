@@ -105,12 +105,14 @@ def exits_for(policy, cache: ExitCache) -> np.ndarray:
 
 
 def frontier(val: ExitCache, test: ExitCache | None, cum_macs: Sequence[int],
-             grid: Sequence[float] = CONFIDENCE_GRID, operating: PolicyHparams | None = None) -> pd.DataFrame:
+             grid: Sequence[float] = CONFIDENCE_GRID, operating: PolicyHparams | None = None,
+             overrides: dict | None = None) -> pd.DataFrame:
     """Every operating point of the policy grid: static exits, then shared confidence thresholds, then (when
     `operating` is given) the trial's own searched operating point, flagged `operating`.
 
     Columns: policy, threshold (NaN for static), thresholds (JSON list of per-exit thresholds, "[]" if shared),
-    exit (-1 for confidence), operating, val_acc, macs (expected on the validation split: what search and
+    exit (-1 for confidence), operating, overrides (JSON: evaluation-only config keys under which the caches
+    were made, "{}" for the trial's own), val_acc, macs (expected on the validation split: what search and
     queries compare), test_acc and test_macs (reported only)."""
     choices = [(f"static exit {k}", PolicyHparams(name="static", exit=k)) for k in range(val.num_exits)]
     if val.num_exits > 1:
@@ -128,5 +130,6 @@ def frontier(val: ExitCache, test: ExitCache | None, cum_macs: Sequence[int],
                      "thresholds": json.dumps(list(policy.thresholds)),
                      "exit": policy.exit if policy.name == "static" else -1,
                      "operating": label == "operating",
+                     "overrides": json.dumps(overrides or {}, sort_keys=True),
                      "val_acc": v.acc, "macs": v.macs, "test_acc": t.acc, "test_macs": t.macs})
     return pd.DataFrame(rows)

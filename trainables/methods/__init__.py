@@ -14,6 +14,8 @@ Optional, where a method needs them:
   model.set_progress(fraction)  called every training step with the fraction of training done (annealing);
   model.full_compute()          a context manager under which every dynamic part runs (cost measurement);
   model.lesion_units()          the units a lesion study may delete or reorder (trainables/lesion.py);
+  eval_variants(hp) -> [dict]   evaluation-only config changes (flat keys) whose results join the trial's
+                                frontier, applied without retraining by model.apply_eval(hp);
   out.aux["gates"]              [N, L] 0/1 gate decisions, for per-sample MACs and gate-rate logs.
 """
 

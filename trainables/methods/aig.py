@@ -10,7 +10,8 @@ whether the block's residual branch runs; the shortcut always runs (methods.md s
              official code, tau is really used and may be annealed (`anneal`, `tau_final`).
   loss       CE + lam * mean over gated layers l of (t_l - z_l)^2, z_l the batch mean of layer l's hard gates.
   test       a deterministic gate: open iff p_on >= `cutoff` (0.5: the "on" logit wins; the official code
-             kept sampling noise at test time).
+             kept sampling noise at test time). The cut-off needs no retraining, so after training every cut-off
+             of `cutoff_grid` is evaluated too and adds a point to the trial's frontier.
   inference  real conditional compute: per block the open samples are gathered, the branch runs on that
              sub-batch only and the result is scattered back, so a skipped block costs nothing. (`execution =
              "mask"` computes every branch and multiplies by the gate, for the benchmark and the tests.)
@@ -56,6 +57,9 @@ class Hparams(_Hparams):
     init_open: float = hp(0.87, "initial probability that a gate opens (through the last gate bias)",
                           low=0.01, high=0.99)
     cutoff: float = hp(0.5, "test time: a gate opens iff p_on >= cutoff", low=0.0, high=1.0)
+    cutoff_grid: tuple[float, ...] = hp((0.3, 0.4, 0.5, 0.6, 0.7), "other cut-offs evaluated after training, each "
+                                        "one more frontier point (evaluation only: no retraining)",
+                                        low=0.0, high=1.0)
     pin_open: str = hp("none", "blocks kept out of gating (always run)", choices=PINNING)
 
     def validate(self) -> None:
@@ -81,6 +85,11 @@ def gated_blocks(hp: Hparams) -> list[int]:
     if "downsampling" in hp.pin_open:
         pinned |= {n, 2 * n}
     return [i for i in range(3 * n) if i not in pinned]
+
+
+def eval_variants(hp: Hparams) -> list[dict]:
+    """Evaluation-only settings the loop adds to the trial's frontier: the other test-time cut-offs."""
+    return [{"model.cutoff": c} for c in hp.cutoff_grid if abs(c - hp.cutoff) > 1e-9]
 
 
 def layer_targets(hp: Hparams) -> list[float]:
@@ -156,6 +165,10 @@ class AIG(nn.Module):
         self.cutoff = hp.cutoff
         self.execution = "skip"
         self._force_open = False
+
+    def apply_eval(self, hp: Hparams) -> None:
+        """Take the evaluation-only settings of `hp` (the cut-off) without retraining."""
+        self.cutoff = hp.cutoff
 
     def set_progress(self, progress: float) -> None:
         """Called by the training loop with the fraction of training done (temperature annealing)."""
