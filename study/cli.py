@@ -344,10 +344,9 @@ def cmd_lesion(args: argparse.Namespace) -> int:
     from trainables.loop import eval_batches, final_exit_error
     from trainables.methods import get_method
 
-    for flag in ("random_k", "repeats", "reorder_swaps"):
-        if getattr(args, flag) < 0 or (flag == "repeats" and args.repeats < 1):
-            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is out of range (0 or more; "
-                              "--repeats 1 or more)")
+    for flag, low in (("random_k", 0), ("repeats", 1), ("reorder_swaps", 0)):
+        if getattr(args, flag) < low:
+            raise ConfigError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be {low} or more")
     root, uri = _uri(args)
     check_readable(uri)
     tracker = Tracker(uri)

@@ -40,7 +40,6 @@ NAME = "aig"
 PAPER = "Veit, Belongie. Convolutional Networks with Adaptive Inference Graphs. ECCV 2018 (IJCV 2020)."
 ANNEALING = ("none", "exponential", "linear")
 PINNING = ("none", "first", "downsampling", "first+downsampling")
-EXECUTION = ("skip", "mask")
 
 
 @dataclasses.dataclass(frozen=True)
