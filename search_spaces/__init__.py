@@ -18,6 +18,8 @@ SPACES: dict[str, str] = {
     "elastic": "search_spaces.elastic",
     "aig": "search_spaces.aig",
     "vgg": "search_spaces.vgg",
+    "dhm": "search_spaces.dhm",
+    "dsl": "search_spaces.dsl",
 }
 
 SpaceFn = Callable[[Any], "dict[str, Any] | None"]

@@ -8,6 +8,7 @@ anything is started or written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -172,6 +173,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f = report.final
                 print(f"val_acc={f.val_acc:.4f} test_acc={f.test_acc:.4f} macs={f.macs / 1e6:.2f}M "
                       f"(full network {f.cost.total / 1e6:.2f}M)  run {run_id}")
+                for k in sorted(k for k in f.metrics if k.startswith("val_acc_head_")):
+                    h = k.rsplit("_", 1)[1]
+                    print(f"  head {h}: val_acc={f.metrics[k]:.4f} test_acc={f.metrics[f'test_acc_head_{h}']:.4f}")
+                for note in f.notes:
+                    print(f"note: {note}")
     except BaseException as e:
         tracker.fail(run_id, f"{type(e).__name__}: {e}")
         raise
@@ -205,9 +211,20 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     tracker = Tracker(uri)
     points = queries.frontier_points(tracker, args.study, args.method, paths.cache_dir(root) / "frontiers")
     res = queries.pareto(points, ref_macs=args.ref_macs)
-    hv = (f"hypervolume {res.hypervolume / 1e6:.4f} (accuracy x MMACs) against reference point "
-          f"(val_acc={res.ref_acc}, macs={res.ref_macs / 1e6:.2f}M); {len(res.front)} non-dominated of "
-          f"{res.points} points from {res.trials} trials")
+
+    def summary(r, who: str = "") -> str:
+        return (f"{who}hypervolume {r.hypervolume / 1e6:.4f} (accuracy x MMACs) against reference point "
+                f"(val_acc={r.ref_acc}, macs={r.ref_macs / 1e6:.2f}M); {len(r.front)} non-dominated of "
+                f"{r.points} points from {r.trials} trials")
+
+    hv = summary(res)
+    if args.by_method:  # each method's own front, every hypervolume against the one reference point
+        import pandas as pd
+
+        fronts = {m: queries.pareto(points[points["method"] == m], ref_macs=res.ref_macs)
+                  for m in sorted(points["method"].unique())}
+        res = dataclasses.replace(res, front=pd.concat([r.front for r in fronts.values()], ignore_index=True))
+        hv = "\n".join(summary(r, f"{m}: ") for m, r in fronts.items())
     fmt = args.format
     if fmt == "table":
         text = _front_table(res.front, args.study) + "\n" + hv
@@ -297,8 +314,10 @@ def cmd_describe(args: argparse.Namespace) -> int:
     method = get_method(cfg.method)
     model = method.build(cfg.model, num_classes)
     cost = cost_lib.measure(model, cfg.data.image_size)
+    params = sum(p.numel() for p in model.parameters())
+    train_only = sum(p.numel() for s in model.segments() if s.train_only for p in s.module.parameters())
     card = {"method": cfg.method, "paper": method.PAPER, "dataset": dataset, "num_classes": num_classes,
-            "image_size": cfg.data.image_size, "params": sum(p.numel() for p in model.parameters()),
+            "image_size": cfg.data.image_size, "params": params - train_only, "train_params": params,
             **cost.to_dict(), "config": {k: v for k, v in cfg.to_flat().items() if k.startswith("model.")}}
     if args.format == "json":
         print(json.dumps(card, indent=1))
@@ -309,12 +328,18 @@ def cmd_describe(args: argparse.Namespace) -> int:
     print(f"{'exit':>4} {'cumulative MACs':>16}")
     for e in card["exits"]:
         print(f"{e['exit']:>4} {e['macs']:>16,}")
+    if train_only:
+        print(f"training only: side branches with {train_only:,} more parameters, discarded for inference")
+        for h in card["side_heads"]:
+            print(f"  side head {h['head']}: {h['macs']:,} MACs on its path (fork + its branch)")
     if card["train_macs"] != card["macs"]:
-        print(f"expected MACs of one training image: {card['train_macs']:,.0f} (stochastic depth)")
+        why = "side branches included" if train_only else "stochastic depth skips branches"
+        print(f"expected forward MACs of one training image: {card['train_macs']:,.0f} ({why})")
     gated = any("gate" in b for b in card["blocks"])
     print(f"{'block':<18} {'MACs':>12}" + ("  gate (the MACs are paid only when it opens)" if gated else ""))
     for b in card["blocks"]:
-        print(f"{b['name']:<18} {b['macs']:>12,}" + (f"  {b['gate']}" if "gate" in b else ""))
+        print(f"{b['name']:<18} {b['macs']:>12,}" + (f"  {b['gate']}" if "gate" in b else "")
+              + ("  training only" if b.get("train_only") else ""))
     return 0
 
 
@@ -472,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", choices=["table", "json", "csv", "parquet"], default="table")
     q.add_argument("--out", help="write to this file instead of standard output")
     q.add_argument("--ref-macs", type=float, help="hypervolume reference MACs (default 1.1 x the largest)")
+    q.add_argument("--by-method", action="store_true",
+                   help="each method's own front and hypervolume (one reference point), side by side")
     _common_tracking(q)
     q.set_defaults(func=cmd_pareto)
 
@@ -496,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("lesion", help="delete or reorder residual blocks of a trained trial at test time "
                                        "(Veit et al. 2016) and log the errors to its run")
-    ls.add_argument("--run-id", required=True, help="MLflow run id of a finished trial (resnet, elastic, aig, vgg)")
+    ls.add_argument("--run-id", required=True,
+                    help="MLflow run id of a finished trial (resnet, elastic, aig, vgg, dhm, dsl)")
     ls.add_argument("--blocks", default="all", help="units deleted one at a time: all, or positions like 3,7,12")
     ls.add_argument("--random-k", type=int, default=0, help="also delete k random units, k = 1..K (0: skip)")
     ls.add_argument("--repeats", type=int, default=10, help="random draws per k and per swap count")

@@ -7,10 +7,13 @@
   metrics         per epoch (step = epoch): train_loss, val_acc, macs, epoch_time_s, images_per_s, lr,
                   val_acc_exit_<k>; at the end: val_acc, test_acc, macs, test_macs, macs_full,
                   val_acc_exit_<k>, test_acc_exit_<k>, macs_exit_<k>, exit_fraction_<k>, train_macs;
-                  gated networks: gate_rate_<l> (validation execution rate of gated layer l), gate_rate_mean
+                  gated networks: gate_rate_<l> (validation execution rate of gated layer l), gate_rate_mean;
+                  networks with side heads (DHM, DSL): val_acc_head_<i> per epoch, test_acc_head_<i> at the end
+  notes           tag dynastudy.notes: findings of the trial worth a look (a side head beating head 0)
   artifacts       frontier.parquet (every operating point of the exit-policy grid), cost.json, config.yaml,
                   model.pt (the trained state_dict), gate_rates.parquet (gated networks: rate per layer per
-                  class), lesion.parquet + lesion.png (after `dynastudy lesion`)
+                  class), heads.parquet (side heads: accuracy and path MACs per head), lesion.parquet +
+                  lesion.png (after `dynastudy lesion`)
 
 Only the MlflowClient API is used (no global active run), so several trials can log from one process.
 """
@@ -42,6 +45,7 @@ TAG_HASH = "dynastudy.config_hash"
 TAG_NODE = "dynastudy.node"
 TAG_FAIL = "dynastudy.fail_reason"
 TAG_STOPPED = "dynastudy.stopped_early"
+TAG_NOTES = "dynastudy.notes"
 TAG_PARENT = "mlflow.parentRunId"
 FRONTIER = "frontier.parquet"
 COST = "cost.json"
@@ -194,6 +198,8 @@ class Tracker:
             metrics[f"test_acc_exit_{k}"] = final.exit_test_acc[k]
             metrics[f"exit_fraction_{k}"] = final.val_exit_fractions[k]
         self.log_metrics(run_id, metrics, step)
+        if final.notes:
+            self.client.set_tag(run_id, TAG_NOTES, "\n".join(final.notes)[:5000])
         with tempfile.TemporaryDirectory() as d:
             final.frontier.to_parquet(Path(d) / FRONTIER, index=False)
             (Path(d) / COST).write_text(json.dumps(final.cost.to_dict(), indent=1))

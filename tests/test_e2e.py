@@ -4,7 +4,8 @@ The first test sweeps real CIFAR-10 (a small subset, one epoch) and checks MLflo
 `pareto --format json`, `best`, replaying the best config with `run`, and the Optuna study. The second runs
 ASHA over two methods on synthetic data and checks that early-stopped trials are PRUNED in Optuna and closed in
 MLflow, and that a second sweep continues the same study. Then divergence, Ctrl-C, and issue 4's path: `aig`
-swept into one study with `resnet` and `elastic`, one Pareto front, `best` for aig, and the lesion study.
+swept into one study with `resnet` and `elastic`, one Pareto front, `best` for aig, and the lesion study. Last,
+issue 6's: `dhm` swept and the resnet / dsl / dhm comparison benchmark run into one study.
 """
 
 from __future__ import annotations
@@ -293,3 +294,47 @@ def test_aig_next_to_resnet_and_elastic_then_the_lesion_study(tmp_path, cifar_di
         r = subprocess.run([sys.executable, "-m", "study.cli", "lesion", *args, "--results-dir", str(res)],
                            capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_dhm_sweep_and_the_resnet_dsl_dhm_comparison(tmp_path, cifar_dir):
+    """Issue 6's 'done means' at toy size: dhm swept (its searched alpha, T, forks, widths), then the comparison
+    benchmark trains resnet, dsl and dhm at one budget into the same study; pareto shows the three side by side
+    and the benchmark's summary comes from what MLflow holds."""
+    res = tmp_path / "res"
+    uri = f"sqlite:///{res}/mlflow.db"
+    data = ["--data-dir", str(cifar_dir), "--results-dir", str(res)]
+    shared = ["--set", "model.depth=20", "--set", "data.val_size=500", "--set", "data.test_subset=500",
+              "--set", "data.subset=300", "--set", "optim.epochs=1"]
+    dynastudy("sweep", "--method", "dhm", "--study", "deep", "--trials", "1", "--concurrency", "1",
+              "--dataset", "cifar10", *shared, *data)
+    (trial,) = search_runs(uri, "deep", "tags.`dynastudy.kind` = 'trial'")
+    m, params = trial.data.metrics, trial.data.params
+    assert {"model.alpha", "model.temperature", "model.branches"} <= set(params)
+    heads = [0] + [h for h, fork in ((1, "stage2"), (2, "stage1")) if params["model.branches"] in ("both", fork)]
+    assert {f"test_acc_head_{h}" for h in heads} <= set(m) and m["test_acc_head_0"] == m["test_acc"]
+    assert m["train_macs"] > m["macs_full"] == m["macs"]
+    names = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(trial.info.run_id)}
+    assert {"heads.parquet", "model.pt", "frontier.parquet"} <= names
+
+    out_json = tmp_path / "compare.json"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    bench = [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "dhm_compare.py"),
+             "--study", "deep", "--seeds", "0", "--depth", "20", "--epochs", "1", "--subset", "300", "--val-size",
+             "500", "--test-subset", "500", "--json", str(out_json), *data]
+    r = subprocess.run(bench, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads(out_json.read_text())["methods"]
+    assert set(summary) == {"resnet", "dsl", "dhm"} and all(e["runs"] == 1 for e in summary.values())
+    assert summary["resnet"]["macs"] == summary["dsl"]["macs"] == summary["dhm"]["macs"]  # head 0 = plain net
+    assert "test_acc_head_1_mean" in summary["dhm"] and "test_acc_head_1_mean" not in summary["resnet"]
+    runs = search_runs(uri, "deep", "tags.`dynastudy.kind` = 'run'")
+    for run in runs:
+        assert summary[run.data.tags["dynastudy.method"]]["test_acc"] == [run.data.metrics["test_acc"]]
+    # A second call trains nothing: every (method, seed) is finished in the study.
+    again = subprocess.run(bench, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("not retrained") == 3
+    assert len(search_runs(uri, "deep", "tags.`dynastudy.kind` = 'run'")) == 3
+
+    r = dynastudy("pareto", "--study", "deep", "--by-method", "--format", "json", *data[2:])
+    assert {p["method"] for p in json.loads(r.stdout)} == {"resnet", "dsl", "dhm"}
+    assert [line.split(":")[0] for line in r.stderr.splitlines() if "hypervolume" in line] == ["dhm", "dsl", "resnet"]

@@ -14,7 +14,10 @@ from trainables.outputs import MultiExitOutput
 
 
 # The smallest member of each family, so the contract tests stay fast and their few SGD steps stable.
-TINY = {"aig": {"model.depth": 20}, "vgg": {"model.depth": 11}}
+TINY = {"aig": {"model.depth": 20}, "vgg": {"model.depth": 11}, "dhm": {"model.depth": 20}, "dsl": {"model.depth": 20}}
+# DHM's six mutual KL terms between three untrained heads on a random batch make its loss several times steeper
+# than one cross-entropy: at lr 0.05 with momentum these few steps oscillate, at 0.01 they descend.
+STEP_LR = {"dhm": 0.01}
 
 
 def _model(name: str, **flat):
@@ -50,7 +53,7 @@ def test_gradients_reach_every_parameter(name):
 def test_one_step_lowers_loss_on_a_fixed_batch(name):
     cfg, method, model = _model(name)
     x, y = torch.randn(16, 3, 32, 32), torch.arange(16) % 10
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=STEP_LR.get(name, 0.05), momentum=0.9)
     model.train()
     losses = []
     for _ in range(5):
@@ -68,9 +71,10 @@ def test_macs_match_flop_counter_and_exits_are_monotone(name):
     card = cost_lib.measure(model, 32)
     model.eval()
     with getattr(model, "full_compute", contextlib.nullcontext)():  # every gate open
-        assert card.total == cost_lib.count_macs(model, torch.zeros(1, 3, 32, 32))
+        assert sum(m for _, m in card.blocks) == cost_lib.count_macs(model, torch.zeros(1, 3, 32, 32))
     assert all(a < b for a, b in zip(card.exits, card.exits[1:]))
     assert card.exits[-1] == card.total  # the last exit pays for everything, every head included
+    assert card.train_total >= card.total or any(f < 1 for f in card.train_fractions)
 
 
 def test_resnet20_macs_are_the_known_figure():

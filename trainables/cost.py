@@ -10,7 +10,10 @@ leaves at exit k paid for heads 0..k (methods.md section 7).
 Dynamic parts: a segment tagged with `gate=l` runs only for the samples whose gate l is open (ConvNet-AIG), so
 a sample's cost is the static cost minus the gated segments it skipped (`CostModel.per_sample`); a segment's
 `train_fraction` is the expected fraction of training samples that run it (stochastic depth), which gives the
-expected training MACs. A model whose parts do not all run on every input provides `full_compute()`, a context
+expected training MACs. A `train_only` segment runs in training but is discarded for inference (DHM's mimicking
+branches): it counts in the training MACs and not in any exit's cost; a train-only segment that ends in a
+classifier is a side head (`side=<head id>`), whose cost is the inference parts before it plus its own branch.
+A model whose parts do not all run on every input provides `full_compute()`, a context
 manager under which they do, for the one measuring pass.
 """
 
@@ -32,6 +35,8 @@ class Segment:
     exit: int | None = None  # the exit this head produces, None for a backbone part
     gate: int | None = None  # runs only for samples whose gate `gate` is open
     train_fraction: float = 1.0  # expected fraction of training samples that run it
+    train_only: bool = False  # discarded after training: no exit pays for it
+    side: int | None = None  # a train-only branch ending in a classifier: the id of its head
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +48,16 @@ class CostModel:
     gates: tuple[int | None, ...] = ()  # per block: the gate it depends on
     exit_blocks: tuple[int, ...] = ()  # per exit: the index of its head in `blocks`
     train_fractions: tuple[float, ...] = ()  # per block
+    train_only: tuple[bool, ...] = ()  # per block
+    side_heads: tuple[tuple[int, int], ...] = ()  # (head id, MACs of the path to it) per train-only side head
+
+    def _train_only(self, i: int) -> bool:
+        return bool(self.train_only) and self.train_only[i]
 
     @property
     def total(self) -> int:
-        """The whole network, every head included."""
-        return sum(m for _, m in self.blocks)
+        """The whole inference network, every exit head included (train-only branches are not)."""
+        return sum(m for i, (_, m) in enumerate(self.blocks) if not self._train_only(i))
 
     @property
     def num_gates(self) -> int:
@@ -55,7 +65,8 @@ class CostModel:
 
     @property
     def train_total(self) -> float:
-        """Expected forward MACs of one training image (stochastic depth skips branches in training)."""
+        """Expected forward MACs of one training image: train-only branches included, stochastic depth's dropped
+        branches not."""
         fractions = self.train_fractions or (1.0,) * len(self.blocks)
         return float(sum(f * m for f, (_, m) in zip(fractions, self.blocks)))
 
@@ -83,9 +94,14 @@ class CostModel:
                 b["gate"] = self.gates[i]
             if self.train_fractions and self.train_fractions[i] != 1.0:
                 b["train_fraction"] = self.train_fractions[i]
+            if self._train_only(i):
+                b["train_only"] = True
             blocks.append(b)
-        return {"macs": self.total, "train_macs": self.train_total,
-                "exits": [{"exit": k, "macs": m} for k, m in enumerate(self.exits)], "blocks": blocks}
+        out = {"macs": self.total, "train_macs": self.train_total,
+               "exits": [{"exit": k, "macs": m} for k, m in enumerate(self.exits)], "blocks": blocks}
+        if self.side_heads:
+            out["side_heads"] = [{"head": h, "macs": m} for h, m in self.side_heads]
+        return out
 
 
 def count_macs(model: nn.Module, x: torch.Tensor) -> int:
@@ -129,10 +145,18 @@ def measure(model: nn.Module, image_size: int, device: str | torch.device = "cpu
     if sum(macs.values()) != total:
         raise RuntimeError(f"segments account for {sum(macs.values()) // 2} of {total // 2} MACs: "
                            "a module that computes is missing from segments()")
-    blocks, exits, exit_blocks, running = [], {}, {}, 0
+    blocks, exits, exit_blocks, sides, running = [], {}, {}, [], 0
     for i, seg in enumerate(segments):
-        running += macs[i] // 2
+        if seg.train_only and seg.exit is not None:
+            raise RuntimeError(f"segment {seg.name} is train-only and cannot produce exit {seg.exit}")
+        if seg.side is not None and not seg.train_only:
+            raise RuntimeError(f"segment {seg.name} is a side head and must be train-only")
         blocks.append((seg.name, macs[i] // 2))
+        if seg.train_only:
+            if seg.side is not None:
+                sides.append((seg.side, running + macs[i] // 2))
+            continue
+        running += macs[i] // 2
         if seg.exit is not None:
             exits[seg.exit], exit_blocks[seg.exit] = running, i
     if sorted(exits) != list(range(len(exits))):
@@ -142,4 +166,5 @@ def measure(model: nn.Module, image_size: int, device: str | torch.device = "cpu
         raise RuntimeError(f"gate indices {sorted({g for g in gates if g is not None})} are not 0..L-1")
     return CostModel(blocks=tuple(blocks), exits=tuple(exits[k] for k in range(len(exits))), gates=gates,
                      exit_blocks=tuple(exit_blocks[k] for k in range(len(exits))),
-                     train_fractions=tuple(seg.train_fraction for seg in segments))
+                     train_fractions=tuple(seg.train_fraction for seg in segments),
+                     train_only=tuple(seg.train_only for seg in segments), side_heads=tuple(sides))

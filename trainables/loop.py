@@ -5,7 +5,8 @@
 only), caches per-exit softmax outputs of both splits and computes the trial's frontier and operating point.
 It knows nothing of Ray or MLflow: `tune_adapter.py` reports and checkpoints, `study/tracking.py` logs.
 A gated network's per-sample gate decisions come with the softmax outputs: they give each sample's MACs and
-the execution rate of every gated layer (per class too).
+the execution rate of every gated layer (per class too). A network with train-only side heads (DHM) has every
+head's accuracy logged; its exits, frontier and cost are head 0's.
 
 Speed habits from fast CIFAR trainers that do not change the method: the data stays on the device as uint8,
 augmentation runs on whole batches, `channels_last`, bf16 autocast on GPU, and the loss is accumulated on the
@@ -60,8 +61,9 @@ class FinalResult:
     cost: cost_lib.CostModel
     frontier: pd.DataFrame
     val_exit_fractions: tuple[float, ...]
-    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # method-specific (gate rates)
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # method-specific (gate rates, heads)
     tables: dict[str, pd.DataFrame] = dataclasses.field(default_factory=dict)  # logged as <name>.parquet
+    notes: list[str] = dataclasses.field(default_factory=list)  # findings worth a user's eye (tag + printed)
     weights: dict[str, Any] | None = None  # the trained model's state_dict, on the CPU
 
 
@@ -92,26 +94,70 @@ def _lr_lambda(cfg: TrialConfig, steps_per_epoch: int) -> Callable[[int], float]
     return factor
 
 
+@dataclasses.dataclass
+class SplitOutputs:
+    """What a network says over one split: softmax outputs of every exit, float32 [exits, samples, classes]; the
+    gate decisions [samples, gates] of a gated network; the softmax outputs of train-only side heads
+    [heads, samples, classes] (DHM); None where the network has none."""
+
+    probs: np.ndarray
+    gates: np.ndarray | None = None
+    side: np.ndarray | None = None
+
+
 @torch.no_grad()
-def exit_probs(model: torch.nn.Module, batches: Batches, device: torch.device) -> tuple[np.ndarray, np.ndarray | None]:
-    """Softmax outputs of every exit over a split, float32 [exits, samples, classes], and the gate decisions
-    [samples, gates] of a gated network (else None)."""
+def exit_probs(model: torch.nn.Module, batches: Batches, device: torch.device) -> SplitOutputs:
     model.eval()
-    chunks, gates = [], []
+    chunks: dict[str, list[torch.Tensor]] = {"probs": [], "gates": [], "side": []}
     for xb, _ in batches.epoch():
         with _autocast(device):
             out = model(xb)
-        chunks.append(torch.stack([z.float().softmax(-1) for z in out.logits]).cpu())
+        chunks["probs"].append(torch.stack([z.float().softmax(-1) for z in out.logits]).cpu())
         if "gates" in out.aux:
-            gates.append(out.aux["gates"].float().cpu())
-    return torch.cat(chunks, dim=1).numpy(), (torch.cat(gates).numpy() if gates else None)
+            chunks["gates"].append(out.aux["gates"].float().cpu())
+        if "side_logits" in out.aux:
+            chunks["side"].append(out.aux["side_logits"].float().softmax(-1).cpu())
+    return SplitOutputs(torch.cat(chunks["probs"], dim=1).numpy(),
+                        torch.cat(chunks["gates"]).numpy() if chunks["gates"] else None,
+                        torch.cat(chunks["side"], dim=1).numpy() if chunks["side"] else None)
 
 
 def exit_cache(model: torch.nn.Module, batches: Batches, labels: np.ndarray, cost: cost_lib.CostModel,
-               device: torch.device) -> tuple[policies.ExitCache, np.ndarray | None]:
-    probs, gates = exit_probs(model, batches, device)
-    macs = cost.per_sample(gates, len(labels)) if gates is not None else None
-    return policies.ExitCache(probs, labels, macs), gates
+               device: torch.device) -> tuple[policies.ExitCache, SplitOutputs]:
+    outs = exit_probs(model, batches, device)
+    macs = cost.per_sample(outs.gates, len(labels)) if outs.gates is not None else None
+    return policies.ExitCache(outs.probs, labels, macs), outs
+
+
+def side_head_ids(model: torch.nn.Module, count: int) -> list[int]:
+    return list(getattr(model, "side_heads", range(1, count + 1)))
+
+
+def head_accuracy(model: torch.nn.Module, outs: SplitOutputs, labels: np.ndarray, split: str) -> dict[str, float]:
+    """Accuracy of every head of a network with side heads (metrics <split>_acc_head_<i>; head 0 is the last
+    exit), else nothing."""
+    if outs.side is None:
+        return {}
+    acc = {f"{split}_acc_head_0": float((outs.probs[-1].argmax(-1) == labels).mean())}
+    for h, p in zip(side_head_ids(model, len(outs.side)), outs.side):
+        acc[f"{split}_acc_head_{h}"] = float((p.argmax(-1) == labels).mean())
+    return acc
+
+
+def head_report(model: torch.nn.Module, cost: cost_lib.CostModel, val: dict[str, float],
+                test: dict[str, float]) -> tuple[pd.DataFrame, list[str]]:
+    """Per head: validation and test accuracy and the MACs of its path (a table), and a note for every side
+    head that beats head 0 on validation (inference runs head 0 alone)."""
+    path = {0: cost.exits[-1], **dict(cost.side_heads)}
+    rows = [{"head": int(k.rsplit("_", 1)[1]), "val_acc": v, "test_acc": test[k.replace("val_", "test_", 1)]}
+            for k, v in val.items()]
+    for r in rows:
+        r["macs"] = path.get(r["head"])
+    notes = [f"side head {r['head']} beats head 0 on validation ({r['val_acc']:.4f} vs {val['val_acc_head_0']:.4f}; "
+             f"test {r['test_acc']:.4f} vs {test['test_acc_head_0']:.4f}) at {r['macs'] / 1e6:.1f}M MACs vs "
+             f"{path[0] / 1e6:.1f}M; inference runs head 0 alone"
+             for r in rows if r["head"] != 0 and r["val_acc"] > val["val_acc_head_0"]]
+    return pd.DataFrame(rows, columns=["head", "val_acc", "test_acc", "macs"]), notes
 
 
 def gate_names(cost: cost_lib.CostModel) -> list[str]:
@@ -147,7 +193,7 @@ def eval_batches(splits: Splits, which: str, device: torch.device, channels_last
 
 
 def final_exit_error(model: torch.nn.Module, batches: Batches, labels: np.ndarray, device: torch.device) -> float:
-    probs, _ = exit_probs(model, batches, device)
+    probs = exit_probs(model, batches, device).probs
     return float((probs[-1].argmax(-1) != labels).mean())
 
 
@@ -235,21 +281,29 @@ def fit(cfg: TrialConfig, splits: Splits, ctx: RunContext = RunContext(),
             raise Diverged(f"training loss is {train_loss} at epoch {epoch + 1}")
         train_time = time.perf_counter() - t0
 
-        val_cache, val_gates = exit_cache(model, val, splits.val_y, cost, device)
+        val_cache, val_outs = exit_cache(model, val, splits.val_y, cost, device)
         point = operating_point(cfg, val_cache, cost.exits)
         exit_acc = val_cache.correct.mean(axis=1) if len(splits.val_y) else np.full(val_cache.num_exits, np.nan)
         metrics = {"train_loss": train_loss, "val_acc": point.acc, "macs": point.macs,
                    "train_macs": cost.train_total, "epoch_time_s": time.perf_counter() - t0,
                    "images_per_s": seen / train_time, "lr": opt.param_groups[0]["lr"]}
         metrics.update({f"val_acc_exit_{k}": float(a) for k, a in enumerate(exit_acc)})
-        gate_metrics, gate_table = ({}, None) if val_gates is None \
-            else gate_rates(val_gates, splits.val_y, gate_names(cost))
+        gate_metrics, gate_table = ({}, None) if val_outs.gates is None \
+            else gate_rates(val_outs.gates, splits.val_y, gate_names(cost))
+        val_heads = head_accuracy(model, val_outs, splits.val_y, "val")
         metrics.update(gate_metrics)
+        metrics.update(val_heads)
         final = None
         if epoch + 1 == o.epochs:
             test = eval_batches(splits, "test", device, ctx.channels_last)
-            test_cache, _ = exit_cache(model, test, splits.test_y, cost, device)
+            test_cache, test_outs = exit_cache(model, test, splits.test_y, cost, device)
             test_point = operating_point(cfg, test_cache, cost.exits)
+            tables = {"gate_rates": gate_table} if gate_table is not None else {}
+            final_metrics, notes = dict(gate_metrics), []
+            if val_heads:
+                test_heads = head_accuracy(model, test_outs, splits.test_y, "test")
+                tables["heads"], notes = head_report(model, cost, val_heads, test_heads)
+                final_metrics.update({**val_heads, **test_heads})
             final = FinalResult(
                 val_acc=point.acc, test_acc=test_point.acc, macs=point.macs, test_macs=test_point.macs,
                 exit_val_acc=[float(a) for a in exit_acc],
@@ -257,7 +311,6 @@ def fit(cfg: TrialConfig, splits: Splits, ctx: RunContext = RunContext(),
                 cost=cost, frontier=_frontier(cfg, method, model, cost, val, test, splits, device,
                                               policies.frontier(val_cache, test_cache, cost.exits,
                                                                 operating=cfg.policy)),
-                val_exit_fractions=point.exit_fractions, metrics=gate_metrics,
-                tables={"gate_rates": gate_table} if gate_table is not None else {},
+                val_exit_fractions=point.exit_fractions, metrics=final_metrics, tables=tables, notes=notes,
                 weights={k: v.detach().cpu() for k, v in model.state_dict().items()})
         yield EpochReport(epoch + 1, o.epochs, metrics, snapshot(epoch + 1), final)

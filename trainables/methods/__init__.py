@@ -16,7 +16,9 @@ Optional, where a method needs them:
   model.lesion_units()          the units a lesion study may delete or reorder (trainables/lesion.py);
   eval_variants(hp) -> [dict]   evaluation-only config changes (flat keys) whose results join the trial's
                                 frontier, applied without retraining by model.apply_eval(hp);
-  out.aux["gates"]              [N, L] 0/1 gate decisions, for per-sample MACs and gate-rate logs.
+  out.aux["gates"]              [N, L] 0/1 gate decisions, for per-sample MACs and gate-rate logs;
+  out.aux["side_logits"]        [S, N, C] logits of train-only side heads (DHM's branches), whose accuracy is
+                                logged per head; `model.side_heads` gives their ids (default 1..S).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ METHODS: dict[str, str] = {
     "elastic": "trainables.methods.elastic",
     "aig": "trainables.methods.aig",
     "vgg": "trainables.methods.vgg",
+    "dhm": "trainables.methods.dhm",
+    "dsl": "trainables.methods.dsl",
 }
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from trainables.cost import Segment
 from trainables.hparams import Hparams as _Hparams, hp
-from trainables.models.cifar_resnet import DEPTHS, CifarResNet, block_segments, linear_survival
+from trainables.models.cifar_resnet import DEPTHS, SHORTCUTS, CifarResNet, block_segments, linear_survival
 from trainables.outputs import MultiExitOutput
 
 NAME = "resnet"
@@ -35,6 +35,8 @@ class Hparams(_Hparams):
                               low=0.05, high=1.0)
     drop_mode: str = hp("batch", "stochastic depth: drop a branch per minibatch (the paper) or per sample",
                         choices=DROP_MODES)
+    shortcut: str = hp("B", "downsampling shortcut: B = 1x1 conv + BatchNorm, A = parameter-free (average pooling "
+                            "+ zero channels, as dhm and dsl use by default)", choices=SHORTCUTS)
 
 
 def num_exits(hp: Hparams) -> int:
@@ -44,7 +46,7 @@ def num_exits(hp: Hparams) -> int:
 class ResNet(nn.Module):
     def __init__(self, hp: Hparams, num_classes: int) -> None:
         super().__init__()
-        self.net = CifarResNet(hp.depth, num_classes)
+        self.net = CifarResNet(hp.depth, num_classes, shortcut=hp.shortcut)
         for block, p in zip(self.net.blocks, linear_survival(len(self.net.blocks), hp.survival_last)):
             block.survival, block.drop_mode = p, hp.drop_mode
 

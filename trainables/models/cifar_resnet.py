@@ -2,7 +2,8 @@
 
 6n+2 layers: a 3x3 stem at 16 channels, three stages of n BasicBlocks at widths 16/32/64 (stride 2 at the start
 of stages 2 and 3), global average pooling and a linear classifier. Where the shape changes, the shortcut is a
-1x1 convolution + BatchNorm (option B, as in ConvNet-AIG's and open_lth's CIFAR ResNets).
+1x1 convolution + BatchNorm (option B, as in ConvNet-AIG's and open_lth's CIFAR ResNets) or parameter-free
+(option A as DHM's code builds it: 2x2 average pooling, then zero channels appended).
 The blocks are kept in one flat list so that methods can attach exits, gates or lesions per block.
 """
 
@@ -18,12 +19,25 @@ from trainables.cost import Segment
 
 DEPTHS = (20, 32, 56, 110)
 WIDTHS = (16, 32, 64)
+SHORTCUTS = ("B", "A")  # He et al.'s options: B = 1x1 conv + BN projection, A = parameter-free
 
 
 def blocks_per_stage(depth: int) -> int:
     if (depth - 2) % 6 != 0 or depth < 8:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
     return (depth - 2) // 6
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option A: 2x2 average pooling (stride 2), then `cout - cin` zero channels appended after the input's.
+    No parameters and no MACs; the zeros are made on the input's device (DHM's code hard-codes .cuda())."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.extra = cout - cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(F.avg_pool2d(x, 2), (0, 0, 0, 0, 0, self.extra))
 
 
 class BasicBlock(nn.Module):
@@ -39,14 +53,19 @@ class BasicBlock(nn.Module):
                     At test time the branch is scaled by `survival`, as in the paper.
     """
 
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, shortcut: str = "B") -> None:
         super().__init__()
         self.residual = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
                                       nn.ReLU(inplace=True), nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
                                       nn.BatchNorm2d(cout))
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if shortcut == "A":
+                if stride != 2 or cout < cin:
+                    raise ValueError(f"the option-A shortcut needs stride 2 and cout >= cin, got {stride}, {cin}->{cout}")
+                self.shortcut = ZeroPadShortcut(cin, cout)
+            else:
+                self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
         self.cin, self.cout, self.stride = cin, cout, stride
         self.lesioned = False
         self.survival = 1.0
@@ -81,6 +100,21 @@ class BasicBlock(nn.Module):
         return F.relu(self.shortcut(x) + self.residual(x))
 
 
+def make_stage(cin: int, width: int, blocks: int, stride: int, shortcut: str = "B") -> list[BasicBlock]:
+    """`blocks` BasicBlocks at `width`, the first with `stride`."""
+    return [BasicBlock(cin if i == 0 else width, width, stride if i == 0 else 1, shortcut) for i in range(blocks)]
+
+
+def init_weights(module: nn.Module) -> None:
+    """He-normal (fan-out) convolutions, BatchNorm at identity; linear layers keep PyTorch's default."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def block_segments(name: str, block: nn.Module, **residual_kw) -> list[Segment]:
     """Cost segments of one residual block: its projection shortcut (when it has one) and its residual branch,
     apart, because gating, stochastic depth and lesions act on the branch alone."""
@@ -111,24 +145,19 @@ class PoolLinear(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int, num_classes: int, widths: tuple[int, ...] = WIDTHS) -> None:
+    def __init__(self, depth: int, num_classes: int, widths: tuple[int, ...] = WIDTHS, shortcut: str = "B") -> None:
         super().__init__()
         n = blocks_per_stage(depth)
+        self.blocks_per_stage = n
         self.stem = Stem(widths[0])
         blocks, cin = [], widths[0]
         for stage, width in enumerate(widths):
-            for i in range(n):
-                blocks.append(BasicBlock(cin, width, 2 if stage > 0 and i == 0 else 1))
-                cin = width
+            blocks += make_stage(cin, width, n, 2 if stage > 0 else 1, shortcut)
+            cin = width
         self.blocks = nn.ModuleList(blocks)
         self.block_widths = [b.cout for b in blocks]
         self.head = PoolLinear(cin, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
