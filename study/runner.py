@@ -225,6 +225,8 @@ def _progress_callback(tracker: Tracker, total: int, out: TextIO, outcomes: list
             acc = f"val_acc={o.val_acc:.4f}" if o.val_acc is not None else "val_acc=-"
             macs = f"macs={o.macs / 1e6:.2f}M" if o.macs is not None else "macs=-"
             extra = f"  ({r.get('fail_reason')})" if status == "diverged" else ""
+            if r.get("notes"):
+                extra += f"\n    note: {r['notes']}"
             print(f"[{len(outcomes)}/{total}] trial {o.trial_id} {o.method:<8} {status:<8} {acc} {macs} "
                   f"time={o.seconds:.0f}s{extra}", file=out, flush=True)
 

@@ -70,6 +70,8 @@ def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays) -> Non
             if report.final is not None:
                 tracker.log_final(run_id, report.final, step=report.epoch)
                 result.update(final=1, test_acc=report.final.test_acc, macs_full=report.final.cost.total)
+                if report.final.notes:
+                    result["notes"] = " | ".join(report.final.notes)
             with tempfile.TemporaryDirectory() as d:
                 torch.save(report.state(), Path(d) / STATE_FILE)
                 (Path(d) / META_FILE).write_text(json.dumps({"mlflow_run_id": run_id}))
