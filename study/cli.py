@@ -134,7 +134,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
           f"{result.count('stopped')} stopped early, {result.count('diverged') + result.count('error')} failed")
     print(f"tracking: {uri}  (experiment {spec.study!r}, sweep run {result.parent_run_id})")
     if result.count("complete"):
-        args.method, args.format, args.out, args.ref_macs = None, "table", None, None
+        args.method, args.format, args.out, args.ref_macs, args.by_method = None, "table", None, None, False
         cmd_pareto(args)
     return 0
 
