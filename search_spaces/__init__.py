@@ -20,6 +20,7 @@ SPACES: dict[str, str] = {
     "vgg": "search_spaces.vgg",
     "dhm": "search_spaces.dhm",
     "dsl": "search_spaces.dsl",
+    "lottery": "search_spaces.lottery",
 }
 
 SpaceFn = Callable[[Any], "dict[str, Any] | None"]

@@ -134,7 +134,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
           f"{result.count('stopped')} stopped early, {result.count('diverged') + result.count('error')} failed")
     print(f"tracking: {uri}  (experiment {spec.study!r}, sweep run {result.parent_run_id})")
     if result.count("complete"):
-        args.method, args.format, args.out, args.ref_macs, args.by_method = None, "table", None, None, False
+        args.method, args.format, args.out, args.ref_macs = None, "table", None, None
+        args.by_method = args.all = False
         cmd_pareto(args)
     return 0
 
@@ -166,8 +167,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         for report in fit(cfg, splits, ctx):
             tracker.log_metrics(run_id, report.metrics, step=report.epoch)
-            print(f"epoch {report.epoch}/{report.epochs} train_loss={report.metrics['train_loss']:.4f} "
-                  f"val_acc={report.metrics['val_acc']:.4f} ({report.metrics['epoch_time_s']:.0f}s)", flush=True)
+            m = report.metrics
+            if "level" in m:  # lottery tickets report once per pruning level
+                print(f"level {int(m['level'])}/{report.epochs - 1} density={m['density']:.4f} "
+                      f"val_acc={m['val_acc']:.4f} sparse_macs={m['sparse_macs'] / 1e6:.2f}M "
+                      f"({m['level_time_s']:.0f}s)", flush=True)
+            else:
+                print(f"epoch {report.epoch}/{report.epochs} train_loss={m['train_loss']:.4f} "
+                      f"val_acc={m['val_acc']:.4f} ({m['epoch_time_s']:.0f}s)", flush=True)
             if report.final is not None:
                 tracker.log_final(run_id, report.final, step=report.epoch)
                 f = report.final
@@ -218,7 +225,10 @@ def cmd_pareto(args: argparse.Namespace) -> int:
                 f"{r.points} points from {r.trials} trials")
 
     hv = summary(res)
-    if args.by_method:  # each method's own front, every hypervolume against the one reference point
+    if args.all:  # every point of every trial (each lottery level, each exit policy)
+        res = dataclasses.replace(res, front=points.sort_values(["method", "macs"]).reset_index(drop=True))
+        hv += f"; listing all {len(points)} points"
+    elif args.by_method:  # each method's own front, every hypervolume against the one reference point
         import pandas as pd
 
         fronts = {m: queries.pareto(points[points["method"] == m], ref_macs=res.ref_macs)
@@ -227,7 +237,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
         hv = "\n".join(summary(r, f"{m}: ") for m, r in fronts.items())
     fmt = args.format
     if fmt == "table":
-        text = _front_table(res.front, args.study) + "\n" + hv
+        text = _front_table(res.front, args.study, every=args.all) + "\n" + hv
         _emit(text, args.out)
         return 0
     print(hv, file=sys.stderr)
@@ -244,8 +254,9 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     return 0
 
 
-def _front_table(front, study: str) -> str:
-    lines = [f"Pareto front of study {study!r} (validation accuracy vs expected MACs per image)",
+def _front_table(front, study: str, every: bool = False) -> str:
+    lines = [f"{'Every point' if every else 'Pareto front'} of study {study!r} (validation accuracy vs expected MACs "
+             "per image)",
              f"{'method':<9} {'trial':<9} {'policy':<11} {'param':>16} {'val_acc':>8} {'test_acc':>8} "
              f"{'MMACs':>9}  run"]
     for r in front.itertuples():
@@ -431,6 +442,58 @@ def cmd_lesion(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lottery_compare(args: argparse.Namespace) -> int:
+    """A lottery trial's ticket against its controls at every level (the same density): read from its run."""
+    import tempfile
+
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from study.tracking import LOTTERY_TABLE, Tracker, check_readable
+
+    _, uri = _uri(args)
+    check_readable(uri)
+    tracker = Tracker(uri)
+    try:
+        run = tracker.client.get_run(args.run_id)
+    except MlflowException:
+        raise ConfigError(f"no run {args.run_id!r} in the tracking store {uri}") from None
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            table = pd.read_parquet(tracker.client.download_artifacts(args.run_id, LOTTERY_TABLE, d))
+        except (MlflowException, OSError):
+            method = run.data.tags.get("dynastudy.method", "?")
+            raise ConfigError(f"run {args.run_id} has no {LOTTERY_TABLE}: it is not a finished lottery trial "
+                              f"(method {method}, status {run.info.status})") from None
+    cols = ["level", "density", "sparse_macs", "val_acc", "test_acc", "reinit_val_acc", "reinit_test_acc",
+            "random_mask_val_acc", "random_mask_test_acc"]
+    table = table.reindex(columns=cols)
+    missing = [c.rsplit("_val_acc", 1)[0] for c in ("reinit_val_acc", "random_mask_val_acc")
+               if table[c].iloc[1:].isna().all()]
+    hint = (f"this trial trained no {' or '.join(missing)} control (model.controls="
+            f"{run.data.params.get('model.controls', 'none')}); train one with the same settings: dynastudy run "
+            f"--config CONFIG --set model.controls=both, CONFIG being this run's config.yaml artifact") \
+        if missing and len(table) > 1 else ""
+    if args.format == "json":
+        records = json.loads(table.to_json(orient="records"))
+        print(json.dumps({"run_id": args.run_id, "levels": records, "note": hint}, indent=1))
+        return 0
+
+    def fmt(v: float) -> str:
+        return "-" if v != v else f"{v:.4f}"
+
+    print(f"lottery ticket vs controls at the same density, run {args.run_id} (accuracy: validation / test)")
+    print(f"{'level':>5} {'density':>8} {'sparse MMACs':>12} {'ticket':>15} {'random reinit':>15} {'random mask':>15}")
+    for r in table.itertuples():
+        print(f"{r.level:>5} {r.density:>8.4f} {r.sparse_macs / 1e6:>12.2f} "
+              f"{fmt(r.val_acc) + ' / ' + fmt(r.test_acc):>15} "
+              f"{fmt(r.reinit_val_acc) + ' / ' + fmt(r.reinit_test_acc):>15} "
+              f"{fmt(r.random_mask_val_acc) + ' / ' + fmt(r.random_mask_test_acc):>15}")
+    if hint:
+        print(hint)
+    return 0
+
+
 def cmd_studies(args: argparse.Namespace) -> int:
     from study.tracking import Tracker, check_readable
 
@@ -499,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ref-macs", type=float, help="hypervolume reference MACs (default 1.1 x the largest)")
     q.add_argument("--by-method", action="store_true",
                    help="each method's own front and hypervolume (one reference point), side by side")
+    q.add_argument("--all", action="store_true", help="list every point of every trial, not only the front")
     _common_tracking(q)
     q.set_defaults(func=cmd_pareto)
 
@@ -538,6 +602,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--format", choices=["json", "table"], default="table")
     _common_tracking(ls)
     ls.set_defaults(func=cmd_lesion)
+
+    lc = sub.add_parser("lottery-compare", help="a lottery trial's ticket vs its controls (random re-init, random "
+                                                "mask) at every pruning level")
+    lc.add_argument("--run-id", required=True, help="MLflow run id of a finished lottery trial")
+    lc.add_argument("--format", choices=["json", "table"], default="table")
+    _common_tracking(lc)
+    lc.set_defaults(func=cmd_lottery_compare)
 
     st = sub.add_parser("studies", help="list the studies in the tracking store")
     _common_tracking(st)

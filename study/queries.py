@@ -141,7 +141,7 @@ def point_overrides(point: pd.Series) -> dict[str, Any]:
 
 def point_config(point: pd.Series) -> dict[str, Any]:
     """The flat config that reproduces a frontier point: its run's params with the point's evaluation-only
-    overrides (e.g. an AIG gate cut-off) and its exit policy."""
+    overrides (an AIG gate cut-off, a lottery trial's earlier level) and its exit policy."""
     cfg = dict(point["params"])
     cfg.update(point_overrides(point))
     cfg["policy.name"] = point["policy"]

@@ -26,6 +26,8 @@ from trainables import data as data_lib
 from trainables.config import TrialConfig
 from trainables.hparams import ConfigError
 from trainables.loop import RunContext
+
+ASHA_MAX_T = 100_000  # reports; above any trial's (epochs or pruning levels + 1)
 from trainables.methods import get_method
 
 SCHEDULERS = ("fifo", "asha")
@@ -315,9 +317,11 @@ def run_sweep(spec: SweepSpec, out: TextIO | None = None) -> SweepResult:
         if spec.scheduler == "asha":
             from ray.tune.schedulers import ASHAScheduler
 
-            # Scalar schedulers cannot rank two objectives: ASHA compares validation accuracy at equal epochs.
+            # Scalar schedulers cannot rank two objectives: ASHA compares validation accuracy at equal epochs (or
+            # pruning levels: a lottery trial reports once per level). max_t only bounds the rungs (1, 2, 4, ...);
+            # it must not stop a trial before its own end, and trials of a sweep may have different lengths.
             scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_acc", mode="max",
-                                      max_t=max(cfg0.optim.epochs, 1), grace_period=1, reduction_factor=2)
+                                      max_t=ASHA_MAX_T, grace_period=1, reduction_factor=2)
         resources = {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(trainable, env=env, data=arrays), resources),

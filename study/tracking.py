@@ -8,11 +8,14 @@
                   val_acc_exit_<k>; at the end: val_acc, test_acc, macs, test_macs, macs_full,
                   val_acc_exit_<k>, test_acc_exit_<k>, macs_exit_<k>, exit_fraction_<k>, train_macs;
                   gated networks: gate_rate_<l> (validation execution rate of gated layer l), gate_rate_mean;
-                  networks with side heads (DHM, DSL): val_acc_head_<i> per epoch, test_acc_head_<i> at the end
+                  networks with side heads (DHM, DSL): val_acc_head_<i> per epoch, test_acc_head_<i> at the end;
+                  lottery tickets: per pruning level (step = level + 1): level, density, val_acc, test_acc,
+                  macs = sparse_macs, dense_macs, and the controls' reinit_/random_mask_ val/test accuracy
   notes           tag dynastudy.notes: findings of the trial worth a look (a side head beating head 0)
   artifacts       frontier.parquet (every operating point of the exit-policy grid), cost.json, config.yaml,
                   model.pt (the trained state_dict), gate_rates.parquet (gated networks: rate per layer per
-                  class), heads.parquet (side heads: accuracy and path MACs per head), lesion.parquet +
+                  class), heads.parquet (side heads: accuracy and path MACs per head), lottery.parquet +
+                  lottery_layers.parquet (lottery tickets: per level; per layer at the last), lesion.parquet +
                   lesion.png (after `dynastudy lesion`)
 
 Only the MlflowClient API is used (no global active run), so several trials can log from one process.
@@ -51,6 +54,7 @@ FRONTIER = "frontier.parquet"
 COST = "cost.json"
 CONFIG = "config.yaml"
 WEIGHTS = "model.pt"
+LOTTERY_TABLE = "lottery.parquet"
 
 
 def default_tracking_uri(results_dir: Path) -> str:

@@ -5,7 +5,8 @@ The first test sweeps real CIFAR-10 (a small subset, one epoch) and checks MLflo
 ASHA over two methods on synthetic data and checks that early-stopped trials are PRUNED in Optuna and closed in
 MLflow, and that a second sweep continues the same study. Then divergence, Ctrl-C, and issue 4's path: `aig`
 swept into one study with `resnet` and `elastic`, one Pareto front, `best` for aig, and the lesion study. Last,
-issue 6's: `dhm` swept and the resnet / dsl / dhm comparison benchmark run into one study.
+issue 6's: `dhm` swept and the resnet / dsl / dhm comparison benchmark run into one study; issue 7's: a
+`lottery` sweep with a level per Tune step, its per-level frontier next to another method, and `lottery-compare`.
 """
 
 from __future__ import annotations
@@ -338,3 +339,55 @@ def test_dhm_sweep_and_the_resnet_dsl_dhm_comparison(tmp_path, cifar_dir):
     r = dynastudy("pareto", "--study", "deep", "--by-method", "--format", "json", *data[2:])
     assert {p["method"] for p in json.loads(r.stdout)} == {"resnet", "dsl", "dhm"}
     assert [line.split(":")[0] for line in r.stderr.splitlines() if "hypervolume" in line] == ["dhm", "dsl", "resnet"]
+
+
+def test_lottery_sweep_levels_frontier_and_compare(tmp_path, cifar_dir):
+    """Issue 7's 'done means' at toy size: lottery swept (f and warm-up searched; k fixed small enough for a
+    4-step epoch), each level a reported step with density, accuracy and sparse MACs in MLflow; every level's
+    point on the study's Pareto plot next to resnet; the ticket against both controls from one command."""
+    res = tmp_path / "res"
+    uri = f"sqlite:///{res}/mlflow.db"
+    common = ["--study", "lt", "--dataset", "cifar10", "--data-dir", str(cifar_dir), "--subset", "500",
+              "--epochs", "1", "--set", "data.val_size=500", "--set", "data.test_subset=500", "--results-dir",
+              str(res)]
+    out = dynastudy("sweep", "--method", "lottery", "--trials", "2", "--concurrency", "2", "--set",
+                    "model.levels=2", "--set", "model.rewind_step=2", "--set", "model.controls=both", *common).stdout
+    assert out.count(" complete ") == 2, out
+    dynastudy("sweep", "--method", "resnet", "--trials", "1", "--concurrency", "1", "--set", "model.depth=20", *common)
+    client = mlflow.MlflowClient(uri)
+    trials = search_runs(uri, "lt", "tags.`dynastudy.method` = 'lottery'")
+    assert len(trials) == 2
+    for run in trials:
+        rid, params = run.info.run_id, run.data.params
+        f = float(params["model.prune_fraction"])
+        density = [m.value for m in sorted(client.get_metric_history(rid, "density"), key=lambda m: m.step)]
+        assert [m.step for m in client.get_metric_history(rid, "level")] == [1, 2, 3]
+        assert density[0] == 1.0 and density[1] == pytest.approx(1 - f, abs=1e-3)
+        assert density[2] == pytest.approx((1 - f) ** 2, abs=1e-3)
+        sparse = [m.value for m in sorted(client.get_metric_history(rid, "sparse_macs"), key=lambda m: m.step)]
+        assert sparse[0] == run.data.metrics["dense_macs"] > sparse[1] > sparse[2] == run.data.metrics["macs"]
+        assert {"lottery.parquet", "lottery_layers.parquet", "frontier.parquet"} <= \
+            {a.path for a in client.list_artifacts(rid)}
+
+    pts = json.loads(dynastudy("pareto", "--study", "lt", "--by-method", "--format", "json",
+                               "--results-dir", str(res)).stdout)
+    assert {p["method"] for p in pts} == {"lottery", "resnet"}
+    every = json.loads(dynastudy("pareto", "--study", "lt", "--all", "--method", "lottery", "--format", "json",
+                                 "--results-dir", str(res)).stdout)
+    assert len(every) == 6 and sorted({p["run_id"] for p in every}) == sorted(t.info.run_id for t in trials)
+    assert sum(p["macs"] < 40.8e6 for p in every) == 4  # the pruned levels are cheaper than the dense network
+    best = json.loads(dynastudy("best", "--study", "lt", "--method", "lottery", "--max-macs", "1e12", "--format",
+                                "json", "--results-dir", str(res)).stdout)
+    assert best["config"]["method"] == "lottery" and best["config"]["model.levels"] in (0, 1, 2)
+
+    cmp = json.loads(dynastudy("lottery-compare", "--run-id", trials[0].info.run_id, "--format", "json",
+                               "--results-dir", str(res)).stdout)
+    levels = cmp["levels"]
+    assert [r["level"] for r in levels] == [0, 1, 2] and cmp["note"] == ""
+    for r in levels[1:]:
+        assert all(0 <= r[k] <= 1 for k in ("val_acc", "reinit_val_acc", "random_mask_val_acc"))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    resnet_run = search_runs(uri, "lt", "tags.`dynastudy.method` = 'resnet'")[0].info.run_id
+    r = subprocess.run([sys.executable, "-m", "study.cli", "lottery-compare", "--run-id", resnet_run,
+                        "--results-dir", str(res)], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "is not a finished lottery trial" in r.stderr

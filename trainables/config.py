@@ -37,6 +37,8 @@ class OptimHparams(Hparams):
     weight_decay: float = hp(5e-4, "L2 weight decay", low=0.0, high=0.1)
     schedule: str = hp("cosine", "learning-rate schedule after warm-up", choices=("cosine", "step", "constant"))
     warmup_epochs: float = hp(0.0, "linear learning-rate warm-up, in epochs", low=0.0, high=1000.0)
+    warmup_steps: int = hp(0, "linear learning-rate warm-up, in steps (iterations); replaces warmup_epochs when > 0",
+                           low=0, high=10_000_000)
     label_smoothing: float = hp(0.0, "label smoothing of every exit's cross-entropy", low=0.0, high=0.5)
 
 

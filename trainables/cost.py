@@ -112,25 +112,24 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def measure(model: nn.Module, image_size: int, device: str | torch.device = "cpu") -> CostModel:
-    """Measure the segments of `model` with one forward pass of a single image in eval mode.
-
-    Raises if the segments do not account for every MAC of the pass (a module left out of `segments()`)."""
-    segments: list[Segment] = model.segments()
+def _module_macs(model: nn.Module, modules: list[nn.Module], image_size: int,
+                 device: str | torch.device) -> tuple[dict[int, int], int]:
+    """FLOPs (FlopCounterMode's count, 2 per MAC) of each of `modules` and of the whole model, in one eval-mode
+    forward pass of a single image; a module that never ran is missing from the dict."""
     was_training = model.training
     model.eval()
     x = torch.zeros(1, 3, image_size, image_size, device=device)
-    macs: dict[int, int] = {}
+    flops: dict[int, int] = {}
     handles = []
     with FlopCounterMode(display=False) as counter:
-        for i, seg in enumerate(segments):
+        for i, module in enumerate(modules):
             def pre(_m, _a, i=i):
-                macs[i] = -counter.get_total_flops()
+                flops[i] = -counter.get_total_flops()
 
             def post(_m, _a, _o, i=i):
-                macs[i] += counter.get_total_flops()
+                flops[i] += counter.get_total_flops()
 
-            handles += [seg.module.register_forward_pre_hook(pre), seg.module.register_forward_hook(post)]
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
         try:
             with getattr(model, "full_compute", contextlib.nullcontext)():
                 model(x)
@@ -138,7 +137,26 @@ def measure(model: nn.Module, image_size: int, device: str | torch.device = "cpu
             for h in handles:
                 h.remove()
             model.train(was_training)
-    total = counter.get_total_flops()
+    return flops, counter.get_total_flops()
+
+
+def module_macs(model: nn.Module, modules: list[nn.Module], image_size: int,
+                device: str | torch.device = "cpu") -> list[int]:
+    """MACs per image of each of `modules` (e.g. every prunable layer), measured as in `measure`."""
+    flops, _ = _module_macs(model, modules, image_size, device)
+    missing = [i for i in range(len(modules)) if i not in flops]
+    if missing:
+        raise RuntimeError(f"modules {missing} never ran in the forward pass")
+    return [flops[i] // 2 for i in range(len(modules))]
+
+
+@torch.no_grad()
+def measure(model: nn.Module, image_size: int, device: str | torch.device = "cpu") -> CostModel:
+    """Measure the segments of `model` with one forward pass of a single image in eval mode.
+
+    Raises if the segments do not account for every MAC of the pass (a module left out of `segments()`)."""
+    segments: list[Segment] = model.segments()
+    macs, total = _module_macs(model, [seg.module for seg in segments], image_size, device)
     if sorted(macs) != list(range(len(segments))):
         missing = [segments[i].name for i in range(len(segments)) if i not in macs]
         raise RuntimeError(f"segments never ran in the forward pass: {missing}")

@@ -79,7 +79,7 @@ class EpochReport:
 def _lr_lambda(cfg: TrialConfig, steps_per_epoch: int) -> Callable[[int], float]:
     o = cfg.optim
     total = o.epochs * steps_per_epoch
-    warm = int(round(o.warmup_epochs * steps_per_epoch))
+    warm = o.warmup_steps or int(round(o.warmup_epochs * steps_per_epoch))
 
     def factor(step: int) -> float:
         if step < warm:
@@ -217,32 +217,85 @@ def _frontier(cfg: TrialConfig, method, model, cost, val: Batches, test: Batches
     return pd.concat(frames, ignore_index=True)
 
 
+def make_optimizer(cfg: TrialConfig, model: torch.nn.Module, steps_per_epoch: int, start_step: int = 0):
+    """SGD (no weight decay on BatchNorm and biases) and the learning-rate schedule, positioned at `start_step`."""
+    o = cfg.optim
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+                          lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    factor = _lr_lambda(cfg, steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: factor(step + start_step))
+    return opt, sched
+
+
+def train_batches(cfg: TrialConfig, splits: Splits, device: torch.device, channels_last: bool) -> Batches:
+    mean, std = channel_stats(splits.train_x)
+    return Batches(splits.train_x, splits.train_y, cfg.optim.batch_size, device, mean, std, augment=cfg.data.augment,
+                   shuffle=True, channels_last=channels_last)
+
+
+def train_epoch(cfg: TrialConfig, method, model: torch.nn.Module, train: Batches, opt, sched, device: torch.device,
+                epoch: int, skip: int = 0, after_step: Callable[[int], None] | None = None) -> tuple[float, int, float]:
+    """One epoch (0-based `epoch`); the first `skip` batches are drawn but not trained on, so a run that starts
+    mid-epoch sees the same data order as one that did not. `after_step(global_step)` runs after every
+    optimiser step (global_step counts steps done). Returns mean training loss, samples seen, seconds."""
+    # The data order and dropout depend on (seed, epoch) only, so a resumed trial retraces its steps.
+    gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+    torch.manual_seed(cfg.seed * 100003 + epoch)
+    total_steps = cfg.optim.epochs * len(train)
+    set_progress = getattr(model, "set_progress", None)
+    model.train()
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), device=device)
+    seen = 0
+    for step, (xb, yb) in enumerate(train.epoch(gen)):
+        if step < skip:
+            continue
+        global_step = epoch * len(train) + step
+        if set_progress is not None:
+            set_progress(global_step / total_steps)
+        with _autocast(device):
+            out = model(xb)
+            loss = method.loss(out, yb, cfg.model, cfg.optim.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if after_step is not None:
+            after_step(global_step + 1)
+        loss_sum += loss.detach().float() * len(yb)
+        seen += len(yb)
+        if (step + 1) % SYNC_EVERY == 0 and not torch.isfinite(loss_sum):
+            raise Diverged(f"training loss is {loss_sum.item()} at epoch {epoch + 1} step {step + 1}")
+    train_loss = loss_sum.item() / max(seen, 1)
+    if not math.isfinite(train_loss):
+        raise Diverged(f"training loss is {train_loss} at epoch {epoch + 1}")
+    return train_loss, seen, time.perf_counter() - t0
+
+
 def fit(cfg: TrialConfig, splits: Splits, ctx: RunContext = RunContext(),
         state: dict[str, Any] | None = None) -> Iterator[EpochReport]:
-    """Train `cfg` on `splits`, resuming from `state` (a previous report's `state()`) when given."""
+    """Train `cfg` on `splits`, resuming from `state` (a previous report's `state()`) when given. A method with
+    its own schedule of reports (lottery tickets: one per pruning level) provides `fit` and is run by it."""
     if ctx.threads:
         torch.set_num_threads(ctx.threads)
-    device = ctx.torch_device()
     method = get_method(cfg.method)
+    if hasattr(method, "fit"):
+        yield from method.fit(cfg, splits, ctx, state)
+        return
+    device = ctx.torch_device()
     torch.manual_seed(cfg.seed)
     model = method.build(cfg.model, splits.num_classes).to(device)
     cost = cost_lib.measure(model, splits.train_x.shape[1], device)  # per image, before channels_last
     if ctx.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    mean, std = channel_stats(splits.train_x)
     o = cfg.optim
-    train = Batches(splits.train_x, splits.train_y, o.batch_size, device, mean, std, augment=cfg.data.augment,
-                    shuffle=True, channels_last=ctx.channels_last)
+    train = train_batches(cfg, splits, device, ctx.channels_last)
     val = eval_batches(splits, "val", device, ctx.channels_last)
-    decay, no_decay = [], []
-    for p in model.parameters():  # no weight decay on BatchNorm and biases
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0}],
-                          lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(train)))
-    total_steps = o.epochs * len(train)
-    set_progress = getattr(model, "set_progress", None)
+    opt, sched = make_optimizer(cfg, model, len(train))
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -255,31 +308,8 @@ def fit(cfg: TrialConfig, splits: Splits, ctx: RunContext = RunContext(),
                         "scheduler": sched.state_dict(), "epoch": epoch, "config": cfg.to_flat()}
 
     for epoch in range(start, o.epochs):
-        # The data order and dropout depend on (seed, epoch) only, so a resumed trial retraces its steps.
-        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-        torch.manual_seed(cfg.seed * 100003 + epoch)
-        model.train()
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        seen = 0
-        for step, (xb, yb) in enumerate(train.epoch(gen)):
-            if set_progress is not None:
-                set_progress((epoch * len(train) + step) / total_steps)
-            with _autocast(device):
-                out = model(xb)
-                loss = method.loss(out, yb, cfg.model, o.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach().float() * len(yb)
-            seen += len(yb)
-            if (step + 1) % SYNC_EVERY == 0 and not torch.isfinite(loss_sum):
-                raise Diverged(f"training loss is {loss_sum.item()} at epoch {epoch + 1} step {step + 1}")
-        train_loss = loss_sum.item() / max(seen, 1)
-        if not math.isfinite(train_loss):
-            raise Diverged(f"training loss is {train_loss} at epoch {epoch + 1}")
-        train_time = time.perf_counter() - t0
+        train_loss, seen, train_time = train_epoch(cfg, method, model, train, opt, sched, device, epoch)
 
         val_cache, val_outs = exit_cache(model, val, splits.val_y, cost, device)
         point = operating_point(cfg, val_cache, cost.exits)
