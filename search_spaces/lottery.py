@@ -1,6 +1,6 @@
 """Search space of `lottery` (methods.md section 8): prune fraction f, rewind step k, number of levels, global vs
 layer-wise ranking, learning-rate warm-up (in steps) and the learning rate. The backbone, its depth, `exclude`
-and the controls are settings (`--set model.backbone=vgg model.depth=16`), since a sweep compares tickets of
+and the controls are settings (`--set model.backbone=vgg --set model.depth=16`), since a sweep compares tickets of
 one network. A rewind step past the end of a (short) trial's training fails that trial with its reason: fix
 `model.rewind_step` for tiny budgets."""
 

@@ -26,11 +26,10 @@ from trainables import data as data_lib
 from trainables.config import TrialConfig
 from trainables.hparams import ConfigError
 from trainables.loop import RunContext
-
-ASHA_MAX_T = 100_000  # reports; above any trial's (epochs or pruning levels + 1)
 from trainables.methods import get_method
 
 SCHEDULERS = ("fifo", "asha")
+ASHA_MAX_T = 100_000  # reports; above any trial's (epochs, or pruning levels + 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,9 +16,9 @@ Optional, where a method needs them:
   model.lesion_units()          the units a lesion study may delete or reorder (trainables/lesion.py);
   eval_variants(hp) -> [dict]   evaluation-only config changes (flat keys) whose results join the trial's
                                 frontier, applied without retraining by model.apply_eval(hp);
-  out.aux["gates"]              [N, L] 0/1 gate decisions, for per-sample MACs and gate-rate logs;
   fit(cfg, splits, ctx, state)  a training schedule of its own (lottery tickets: one report per pruning level),
                                 run by `trainables.loop.fit` instead of its epoch loop;
+  out.aux["gates"]              [N, L] 0/1 gate decisions, for per-sample MACs and gate-rate logs;
   out.aux["side_logits"]        [S, N, C] logits of train-only side heads (DHM's branches), whose accuracy is
                                 logged per head; `model.side_heads` gives their ids (default 1..S).
 """
