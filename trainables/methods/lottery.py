@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import time
 from typing import Any, Iterator
 
@@ -177,9 +176,10 @@ def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def fit(cfg, splits, ctx, state: dict[str, Any] | None = None) -> Iterator:
     """Level 0 (dense), then one pruning level per report; resumes after the last level in `state`."""
     from trainables import loop
+    from trainables.methods import get_method
 
     hp: Hparams = cfg.model
-    method = sys.modules[__name__]  # train_epoch calls method.loss
+    method = get_method(cfg.method)  # this module: train_epoch calls method.loss
     device = ctx.torch_device()
     torch.manual_seed(cfg.seed)
     model = build(hp, splits.num_classes).to(device)
