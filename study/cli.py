@@ -193,13 +193,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _point_records(df) -> list[dict[str, Any]]:
-    cols = ["method", "run_id", "trial", "policy", "threshold", "exit", "val_acc", "test_acc", "macs", "test_macs",
-            "params"]
+    cols = ["method", "run_id", "trial", "policy", "param", "threshold", "exit", "val_acc", "test_acc", "macs",
+            "test_macs", "params"]
     from study.queries import point_overrides
 
     records = []
     for (_, point), row in zip(df.iterrows(), df[cols].to_dict(orient="records")):
-        row["threshold"] = None if row["threshold"] != row["threshold"] else row["threshold"]  # NaN -> null
+        for key in ("param", "threshold"):
+            row[key] = None if row[key] != row[key] else row[key]  # NaN -> null
         row["exit"] = int(row["exit"])
         row["overrides"] = point_overrides(point)
         records.append(row)
@@ -254,13 +255,16 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     return 0
 
 
+_POLICY_PARAM = {"budgeted": "q=", "entropy": "H<"}
+
+
 def _front_table(front, study: str, every: bool = False) -> str:
     lines = [f"{'Every point' if every else 'Pareto front'} of study {study!r} (validation accuracy vs expected MACs "
              "per image)",
              f"{'method':<9} {'trial':<9} {'policy':<11} {'param':>16} {'val_acc':>8} {'test_acc':>8} "
              f"{'MMACs':>9}  run"]
     for r in front.itertuples():
-        param = f"exit {r.exit}" if r.policy == "static" else f"{r.threshold:.4g}"
+        param = f"exit {r.exit}" if r.policy == "static" else f"{_POLICY_PARAM.get(r.policy, '')}{r.param:.4g}"
         overrides = json.loads(r.overrides) if isinstance(getattr(r, "overrides", None), str) else {}
         param += "".join(f" {k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f" {k.split('.')[-1]}={v}"
                          for k, v in overrides.items())

@@ -84,6 +84,8 @@ def frontier_points(tracker: Tracker, study: str, method: str | None = None,
         if df is None or df.empty:
             continue
         df = df.copy()
+        if "param" not in df:  # frontiers written before the policy families: param = shared threshold
+            df["param"] = df["threshold"]
         df.insert(0, "run_id", run.info.run_id)
         df.insert(1, "method", run.data.tags.get(TAG_METHOD, "?"))
         df.insert(2, "trial", run.data.tags.get(TAG_TRIAL, ""))
@@ -141,14 +143,26 @@ def point_overrides(point: pd.Series) -> dict[str, Any]:
 
 def point_config(point: pd.Series) -> dict[str, Any]:
     """The flat config that reproduces a frontier point: its run's params with the point's evaluation-only
-    overrides (an AIG gate cut-off, a lottery trial's earlier level) and its exit policy."""
+    overrides (an AIG gate cut-off, a lottery trial's earlier level) and its exit policy. A budgeted point keeps
+    its prior q (a retrained network derives its own thresholds on its validation split); its thresholds on this
+    trial are in the point's `thresholds`."""
     cfg = dict(point["params"])
     cfg.update(point_overrides(point))
-    cfg["policy.name"] = point["policy"]
-    if point["policy"] == "static":
+    policy = point["policy"]
+    cfg["policy.name"] = policy
+    if policy == "static":
         cfg["policy.exit"] = int(point["exit"])
         return cfg
+    param = point.get("param", float("nan"))
+    if policy == "budgeted":
+        cfg["policy.q"] = float(param)
+        return cfg
     per_exit = json.loads(point.get("thresholds", "[]") or "[]")
+    if policy == "entropy":
+        cfg["policy.entropies"] = per_exit
+        if not per_exit:
+            cfg["policy.entropy"] = float(param)
+        return cfg
     cfg["policy.thresholds"] = per_exit
     if not per_exit:
         cfg["policy.threshold"] = float(point["threshold"])

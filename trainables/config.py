@@ -42,17 +42,32 @@ class OptimHparams(Hparams):
     label_smoothing: float = hp(0.0, "label smoothing of every exit's cross-entropy", low=0.0, high=0.5)
 
 
-POLICIES = ("confidence", "static")
+POLICIES = ("confidence", "static", "budgeted", "entropy", "sdn")
 
 
 @dataclasses.dataclass(frozen=True)
 class PolicyHparams(Hparams):
-    name: str = hp("confidence", "exit policy of the operating point", choices=POLICIES)
-    threshold: float = hp(0.9, "confidence policy: max-softmax needed to exit early (one for every exit)",
+    """How a multi-exit network picks its exit at inference (trainables/policies.py); evaluation only: changing it
+    needs no retraining."""
+
+    name: str = hp("confidence", "exit policy of the operating point: confidence (max-softmax thresholds), static "
+                   "(one exit), budgeted (MSDNet's geometric exit prior, thresholds derived on validation), "
+                   "entropy (BranchyNet), sdn (most confident exit, full cost, if none is confident)",
+                   choices=POLICIES)
+    threshold: float = hp(0.9, "confidence and sdn policies: max-softmax needed to exit (one for every exit)",
                           low=0.0, high=1.0)
-    thresholds: tuple[float, ...] = hp((), "confidence policy: one threshold per exit (overrides threshold)",
-                                       low=0.0, high=1.0)
+    thresholds: tuple[float, ...] = hp((), "confidence and sdn policies: one threshold per exit (overrides "
+                                       "threshold)", low=0.0, high=1.0)
+    entropy: float = hp(0.5, "entropy policy: exit where the softmax entropy (nats) is below this", low=0.0,
+                        high=20.0)
+    entropies: tuple[float, ...] = hp((), "entropy policy: one entropy threshold per exit (overrides entropy)",
+                                      low=0.0, high=20.0)
+    q: float = hp(1.0, "budgeted policy: ratio of the exit prior pi_k ~ q^k (< 1 front-loads exits, > 1 back-loads "
+                  "them; MSDNet sweeps 0.05..1.95)", low=0.001, high=100.0)
     exit: int = hp(-1, "static policy: the exit every sample takes (-1 = the last)", low=-1)
+    grid: tuple[str, ...] = hp((), "policy families swept for the trial's frontier, besides the static exits "
+                               "(empty = the operating policy's own family), e.g. [budgeted,entropy,sdn]",
+                               choices=POLICIES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,13 +111,16 @@ class TrialConfig:
             model=build_group(method.Hparams, "model.", groups["model"]),
             data=build_group(DataHparams, "data.", groups["data"]),
             optim=build_group(OptimHparams, "optim.", groups["optim"]),
-            policy=build_group(PolicyHparams, "policy.", groups["policy"]),
+            # a method may bring its own default policy (MSDNet: budgeted); the user's keys still win
+            policy=build_group(PolicyHparams, "policy.", {**getattr(method, "POLICY_DEFAULTS", {}),
+                                                         **groups["policy"]}),
             seed=seed,
         )
         k = method.num_exits(cfg.model)
-        if cfg.policy.thresholds and len(cfg.policy.thresholds) != k:
-            raise ConfigError(f"policy.thresholds has {len(cfg.policy.thresholds)} values; "
-                              f"this {cfg.method} network has {k} exits")
+        for key in ("thresholds", "entropies"):
+            values = getattr(cfg.policy, key)
+            if values and len(values) != k:
+                raise ConfigError(f"policy.{key} has {len(values)} values; this {cfg.method} network has {k} exits")
         if cfg.policy.exit >= k:
             raise ConfigError(f"policy.exit={cfg.policy.exit} is outside the allowed range [-1, {k - 1}]")
         return cfg

@@ -197,8 +197,10 @@ def final_exit_error(model: torch.nn.Module, batches: Batches, labels: np.ndarra
     return float((probs[-1].argmax(-1) != labels).mean())
 
 
-def operating_point(cfg: TrialConfig, cache: policies.ExitCache, cum_macs) -> policies.Outcome:
-    return policies.evaluate(cache, policies.exits_for(cfg.policy, cache), cum_macs)
+def operating_point(cfg: TrialConfig, cache: policies.ExitCache, cum_macs,
+                    calib: policies.ExitCache | None = None) -> policies.Outcome:
+    """The trial's own policy on `cache`; thresholds it derives come from `calib` (validation), never the test."""
+    return policies.operating_point(cfg.policy, cache, cum_macs, calib)
 
 
 def _frontier(cfg: TrialConfig, method, model, cost, val: Batches, test: Batches, splits: Splits,
@@ -211,7 +213,8 @@ def _frontier(cfg: TrialConfig, method, model, cost, val: Batches, test: Batches
         model.apply_eval(cfg.replace(**overrides).model)
         v, _ = exit_cache(model, val, splits.val_y, cost, device)
         t, _ = exit_cache(model, test, splits.test_y, cost, device)
-        frames.append(policies.frontier(v, t, cost.exits, overrides=overrides))
+        frames.append(policies.frontier(v, t, cost.exits, policies.frontier_families(cfg.policy),
+                                        overrides=overrides))
     if variants:
         model.apply_eval(cfg.model)
     return pd.concat(frames, ignore_index=True)
@@ -327,7 +330,7 @@ def fit(cfg: TrialConfig, splits: Splits, ctx: RunContext = RunContext(),
         if epoch + 1 == o.epochs:
             test = eval_batches(splits, "test", device, ctx.channels_last)
             test_cache, test_outs = exit_cache(model, test, splits.test_y, cost, device)
-            test_point = operating_point(cfg, test_cache, cost.exits)
+            test_point = operating_point(cfg, test_cache, cost.exits, calib=val_cache)
             tables = {"gate_rates": gate_table} if gate_table is not None else {}
             final_metrics, notes = dict(gate_metrics), []
             if val_heads:
@@ -340,6 +343,7 @@ def fit(cfg: TrialConfig, splits: Splits, ctx: RunContext = RunContext(),
                 exit_test_acc=[float(a) for a in test_cache.correct.mean(axis=1)],
                 cost=cost, frontier=_frontier(cfg, method, model, cost, val, test, splits, device,
                                               policies.frontier(val_cache, test_cache, cost.exits,
+                                                                policies.frontier_families(cfg.policy),
                                                                 operating=cfg.policy)),
                 val_exit_fractions=point.exit_fractions, metrics=final_metrics, tables=tables, notes=notes,
                 weights={k: v.detach().cpu() for k, v in model.state_dict().items()})
