@@ -76,6 +76,21 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def parse_choices(items: Sequence[str]) -> dict[str, tuple]:
+    """`--choice KEY=V1,V2,...` (or KEY=[V1, V2]): a key searched as a categorical over these values."""
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"--choice {item!r} is not key=value1,value2,...")
+        try:
+            values = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
+        except yaml.YAMLError:
+            raise ConfigError(f"--choice {item!r}: the values are not valid YAML") from None
+        out[key.strip()] = tuple(values)
+    return out
+
+
 def fixed_keys(args: argparse.Namespace) -> dict[str, Any]:
     """Config file, then the shortcut flags, then --set: later wins."""
     fixed = load_config_file(args.config) if getattr(args, "config", None) else {}
@@ -122,7 +137,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         data_dir=args.data_dir or os.environ.get("DYNASTUDY_DATA"), concurrency=args.concurrency,
         sampler=args.sampler, scheduler=args.scheduler, seed=args.seed or 0, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_failures=args.max_failures,
-        ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"))
+        ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"), choices=parse_choices(args.choice))
     print(f"study {spec.study}: {spec.trials} trials of {', '.join(methods)}, {spec.concurrency} at a time, "
           f"sampler {spec.sampler}, scheduler {spec.scheduler}")
     result = run_sweep(spec)
@@ -531,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, help="side images are resized to (image-folder datasets; default 32)")
     s.add_argument("--config", help="YAML file of fixed config keys (flat dotted keys or nested)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="fix a config key (repeatable)")
+    s.add_argument("--choice", action="append", metavar="KEY=V1,V2",
+                   help="search a key over these values (repeatable), e.g. model.backbone=resnet18,mobilenet_v2 "
+                        "or policy.name=budgeted,entropy")
     s.add_argument("--data-dir", help="dataset folder (default: DYNASTUDY_DATA)")
     s.add_argument("--seed", type=int, help="sampler seed, and the trials' seed unless --set seed=...")
     s.add_argument("--sampler", choices=list(SAMPLERS), default="tpe")

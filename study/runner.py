@@ -20,7 +20,7 @@ from typing import Any, Sequence, TextIO
 import optuna
 
 from study import paths
-from study.search import METRICS, MODES, SAMPLERS, SweepSpace, make_sampler
+from study.search import METRICS, MODES, SAMPLERS, SweepSpace, choice_applies, make_sampler
 from study.tracking import TAG_FAIL, TAG_PARENT, TAG_STOPPED, Tracker, check_reachable
 from trainables import data as data_lib
 from trainables.config import TrialConfig
@@ -50,11 +50,13 @@ class SweepSpec:
     gpus_per_trial: float = 0.0
     max_failures: int = 2
     ray_address: str | None = None
+    choices: dict[str, tuple] = dataclasses.field(default_factory=dict)  # keys searched over the user's values
 
     def summary(self) -> dict[str, Any]:
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "fixed"}
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("fixed", "choices")}
         out["methods"] = ",".join(self.methods)
         out.update({f"fixed.{k}": v for k, v in self.fixed.items()})
+        out.update({f"choice.{k}": ",".join(map(str, v)) for k, v in self.choices.items()})
         return out
 
 
@@ -144,10 +146,23 @@ class Plan:
 
 def probe_configs(spec: SweepSpec, draws_per_method: int = 8) -> list[TrialConfig]:
     """Random draws of the sweep's space completed by its fixed keys: all must be valid configs."""
-    space = SweepSpace(spec.methods, spec.fixed)
+    space = SweepSpace(spec.methods, spec.fixed, spec.choices)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["maximize", "minimize"])
     configs = []
+    for key, values in spec.choices.items():  # every value of every choice first, not only those the draws hit
+        for value in values:
+            for method in spec.methods:
+                if not choice_applies(key, method, spec.methods):
+                    continue
+                fixed = {**fixed_for(method, spec.fixed, spec.methods), "method": method, key: value}
+                try:
+                    TrialConfig.from_flat(fixed)  # the value itself, before a space is asked to use it
+                    trial = probe.ask()
+                    constants = SweepSpace([method], fixed, {k: v for k, v in spec.choices.items() if k != key})(trial)
+                    configs.append(TrialConfig.from_flat({**fixed, **trial.params, **constants}))
+                except ConfigError as e:
+                    raise ConfigError(f"--choice {key}={value!r} with method {method}: {e}") from None
     for _ in range(draws_per_method * len(spec.methods)):
         trial = probe.ask()
         constants = space(trial)
@@ -187,6 +202,13 @@ def validate(spec: SweepSpec) -> Plan:
     fixed_method = spec.fixed.get("method")
     if fixed_method is not None and fixed_method not in spec.methods:
         raise ConfigError(f"the config fixes method={fixed_method}, which is not among --method {list(spec.methods)}")
+    for key, values in spec.choices.items():
+        if key in spec.fixed:
+            raise ConfigError(f"--choice {key} is also fixed (--set/--config): a key is either fixed or searched")
+        if not values or len(set(map(repr, values))) != len(values):
+            raise ConfigError(f"--choice {key}={list(values)} needs distinct values")
+        if not any(choice_applies(key, m, spec.methods) for m in spec.methods):
+            raise ConfigError(f"--choice {key}: no method of {list(spec.methods)} has this key")
     probes = probe_configs(spec)
     datasets = {c.data.dataset for c in probes}
     if len(datasets) > 1:  # the data is loaded once and shared by every trial
@@ -309,7 +331,7 @@ def run_sweep(spec: SweepSpec, out: TextIO | None = None) -> SweepResult:
                        context=RunContext(device=device, threads=max(1, int(spec.cpus_per_trial))))
         # Offset the sampler seed by the trials already in the study: a second sweep stays reproducible but does
         # not replay the first one's random start-up configurations.
-        searcher = StudySearch(space=SweepSpace(spec.methods, spec.fixed), metric=METRICS, mode=MODES,
+        searcher = StudySearch(space=SweepSpace(spec.methods, spec.fixed, spec.choices), metric=METRICS, mode=MODES,
                                sampler=make_sampler(spec.sampler, spec.seed + plan.existing_trials),
                                storage=optuna.storages.RDBStorage(spec.storage), study_name=spec.study)
         scheduler = None

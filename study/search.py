@@ -59,14 +59,27 @@ class FixedAwareTrial:
 
 
 class SweepSpace:
-    """The sweep's space: the method first (when several), then that method's space, fixed keys left out.
-    A picklable callable, since Tune checkpoints the searcher with it."""
+    """The sweep's space: the method first (when several), then the user's `--choice` keys that apply to it
+    (categoricals drawn before the method's space, which then sees them as fixed, so a space can depend on them),
+    then that method's space, fixed keys left out. A picklable callable, since Tune checkpoints the searcher."""
 
-    def __init__(self, methods: Sequence[str], fixed: dict[str, Any]) -> None:
+    def __init__(self, methods: Sequence[str], fixed: dict[str, Any],
+                 choices: dict[str, Sequence[Any]] | None = None) -> None:
         self.methods, self.fixed = list(methods), dict(fixed)
+        self.choices = {k: list(v) for k, v in (choices or {}).items()}
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         t = FixedAwareTrial(trial, self.fixed)
         method = self.methods[0] if len(self.methods) == 1 else t.suggest_categorical("method", self.methods)
-        constants = get_space(method)(t) or {}
+        drawn = {key: trial.suggest_categorical(key, values) for key, values in self.choices.items()
+                 if choice_applies(key, method, self.methods)}
+        constants = get_space(method)(FixedAwareTrial(trial, {**self.fixed, **drawn})) or {}
         return {"method": method, **{k: v for k, v in constants.items() if not is_fixed(k, self.fixed)}}
+
+
+def choice_applies(key: str, method: str, methods: Sequence[str]) -> bool:
+    """A `model.*` choice only applies to the methods of a multi-method sweep that define that field."""
+    from trainables.methods import get_method
+
+    group, _, name = key.partition(".")
+    return group != "model" or len(methods) == 1 or name.split(".")[0] in get_method(method).Hparams.field_names()

@@ -34,6 +34,11 @@ def _sweep(tmp_path, *extra):
     (["--set", "data.val_size=0"], "data.val_size=0 is outside the allowed range [1, None]"),
     (["--storage", "not a url"], "storage 'not a url' is not a database URL"),
     (["--storage", "sqlite:///relative.db"], "must name an absolute path"),
+    (["--choice", "policy.name=budgeted,nope"], "--choice policy.name='nope' with method elastic: policy.name='nope' "
+                                                "is not one of: confidence, static, budgeted, entropy, sdn"),
+    (["--choice", "model.depth=20", "--set", "model.depth=20"], "--choice model.depth is also fixed"),
+    (["--choice", "model.depth=20,20"], "--choice model.depth=[20, 20] needs distinct values"),
+    (["--choice", "policy.name"], "--choice 'policy.name' is not key=value1,value2,..."),
 ])
 def test_bad_sweep_input(tmp_path, capsys, extra, fragment):
     assert main(_sweep(tmp_path, *extra)) == 2

@@ -113,3 +113,20 @@ def test_close_unfinished_leaves_no_running_trial(tmp_path):
     trials = optuna.load_study(study_name="s", storage=storage).get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL"]
     assert trials[1].user_attrs["fail_reason"] == "interrupted"
+
+
+def test_choices_are_drawn_first_and_the_space_sees_them():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["maximize", "minimize"])
+    space = SweepSpace(["elastic"], {"model.depth": 20}, {"policy.name": ["budgeted", "entropy"]})
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        constants = space(trial)
+        name = trial.params["policy.name"]
+        seen.add(name)
+        cfg = TrialConfig.from_flat({"model.depth": 20, **trial.params, **constants})
+        # the shared policy sub-space searched the drawn policy's own parameter, not the confidence threshold
+        assert ("policy.q" in trial.params) == (name == "budgeted")
+        assert ("policy.entropy" in trial.params) == (name == "entropy")
+        assert "policy.threshold" not in trial.params and cfg.policy.name == name
+    assert seen == {"budgeted", "entropy"}
