@@ -38,6 +38,7 @@ METHODS: dict[str, str] = {
     "dhm": "trainables.methods.dhm",
     "dsl": "trainables.methods.dsl",
     "lottery": "trainables.methods.lottery",
+    "sdn": "trainables.methods.sdn",
 }
 
 
