@@ -1,12 +1,13 @@
 """Search space of `sdn` (methods.md section 8): the backbone (ResNet depth; VGG-16, the paper's VGG), the IC
-positions as a named layout, the scale of the maximum IC loss weights C_i (0.5-2x), the confidence threshold q of
-the operating point, and the optimiser. Every layout is valid on every backbone offered here (tests/test_sdn.py)."""
+positions as a named layout, the scale of the maximum IC loss weights C_i (0.5-2x), the operating point of the
+exit policy (SDN's own: threshold q), and the optimiser. Every layout is valid on every backbone offered here
+(tests/test_sdn.py)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from search_spaces.common import optimizer
+from search_spaces.common import optimizer, policy
 from trainables.methods.sdn import BACKBONES, LAYOUTS
 from trainables.models.cifar_resnet import DEPTHS
 
@@ -21,6 +22,6 @@ def space(trial: Any) -> dict[str, Any]:
         constants["model.depth"] = VGG_DEPTH
     trial.suggest_categorical("model.ic_layout", list(LAYOUTS))
     trial.suggest_float("model.ic_weight_scale", 0.5, 2.0, log=True)
-    trial.suggest_float("policy.threshold", 0.5, 0.999)
+    policy(trial, "sdn")
     optimizer(trial)
     return constants

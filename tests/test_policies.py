@@ -189,3 +189,11 @@ def test_frontier_families_and_operating_budgeted_point_reproduce_through_best()
     ent = df[df["policy"] == "entropy"].iloc[3]
     cfg = point_config(ent.copy().rename(None).to_frame().T.assign(params=[{"method": "sdn"}]).iloc[0])
     assert cfg["policy.name"] == "entropy" and cfg["policy.entropy"] == pytest.approx(0.02 * np.log(2), abs=1e-6)
+
+
+def test_a_method_brings_its_default_policy_and_the_user_key_wins():
+    from trainables.config import TrialConfig
+
+    assert TrialConfig.from_flat({"method": "sdn", "model.depth": 20}).policy.name == "sdn"
+    assert TrialConfig.from_flat({"method": "sdn", "model.depth": 20, "policy.name": "entropy"}).policy.name == "entropy"
+    assert TrialConfig.from_flat({"method": "elastic"}).policy.name == "confidence"

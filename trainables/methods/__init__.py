@@ -11,6 +11,8 @@ A method module defines:
                                 the training loss over all exits.
 
 Optional, where a method needs them:
+  POLICY_DEFAULTS               policy.* keys the method's configs start from (MSDNet: budgeted, SDN: sdn), before
+                                the user's keys;
   model.set_progress(fraction)  called every training step with the fraction of training done (annealing);
   model.full_compute()          a context manager under which every dynamic part runs (cost measurement);
   model.lesion_units()          the units a lesion study may delete or reorder (trainables/lesion.py);

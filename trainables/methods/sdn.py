@@ -60,6 +60,8 @@ LAYOUTS = {"sdn": (0.15, 0.3, 0.45, 0.6, 0.75, 0.9),
 PLACEMENTS = ("nearest", "reach")
 TAU_START = 0.01  # every tau_i at the start of training (official)
 GRID = 4  # the IC's pooled map side
+# SDN's own early exit (trainables/policies.py): first confident exit, else the most confident one at full cost.
+POLICY_DEFAULTS = {"name": "sdn"}
 
 
 @dataclasses.dataclass(frozen=True)
