@@ -21,6 +21,7 @@ SPACES: dict[str, str] = {
     "dhm": "search_spaces.dhm",
     "dsl": "search_spaces.dsl",
     "lottery": "search_spaces.lottery",
+    "msdnet": "search_spaces.msdnet",
 }
 
 SpaceFn = Callable[[Any], "dict[str, Any] | None"]
