@@ -22,6 +22,7 @@ SPACES: dict[str, str] = {
     "dsl": "search_spaces.dsl",
     "lottery": "search_spaces.lottery",
     "sdn": "search_spaces.sdn",
+    "msdnet": "search_spaces.msdnet",
 }
 
 SpaceFn = Callable[[Any], "dict[str, Any] | None"]

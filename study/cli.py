@@ -349,15 +349,21 @@ def cmd_describe(args: argparse.Namespace) -> int:
     card = {"method": cfg.method, "paper": method.PAPER, "dataset": dataset, "num_classes": num_classes,
             "image_size": cfg.data.image_size, "params": params - train_only, "train_params": params,
             **cost.to_dict(), "config": {k: v for k, v in cfg.to_flat().items() if k.startswith("model.")}}
+    paper = method.paper_macs(model, cfg.data.image_size) if hasattr(method, "paper_macs") else None
+    for e, m in zip(card["exits"], paper or []):
+        e["paper_macs"] = m  # the paper's own counting rules, for comparison with its figures
     if args.format == "json":
         print(json.dumps(card, indent=1))
         return 0
     print(f"{card['method']}: {card['paper']}")
     print(f"dataset {dataset} ({num_classes} classes, {cfg.data.image_size}px); {card['params']:,} parameters; "
           f"{card['macs']:,} MACs per image for the whole network, every head included (FLOPs = 2 x MACs)")
-    print(f"{'exit':>4} {'cumulative MACs':>16}")
+    print(f"{'exit':>4} {'cumulative MACs':>16}" + (f" {'paper rules':>16}" if paper else ""))
     for e in card["exits"]:
-        print(f"{e['exit']:>4} {e['macs']:>16,}")
+        print(f"{e['exit']:>4} {e['macs']:>16,}" + (f" {e['paper_macs']:>16,}" if paper else ""))
+    if paper:
+        print("paper rules: the paper's own counter (conv MACs + ReLU elements + pooled elements + linear weights and "
+              "biases); the first column (conv + linear MACs) is the platform's unit")
     if train_only:
         print(f"training only: side branches with {train_only:,} more parameters, discarded for inference")
         for h in card["side_heads"]:

@@ -15,7 +15,10 @@ from trainables.outputs import MultiExitOutput
 
 # The smallest member of each family, so the contract tests stay fast and their few SGD steps stable.
 TINY = {"aig": {"model.depth": 20}, "vgg": {"model.depth": 11}, "dhm": {"model.depth": 20}, "dsl": {"model.depth": 20},
-        "lottery": {"model.depth": 20}, "sdn": {"model.depth": 20}}
+        "lottery": {"model.depth": 20}, "sdn": {"model.depth": 20},
+        # three one-layer blocks: both scale drops (and their transitions) happen, no feature goes unused
+        "msdnet": {"model.preset": "custom", "model.blocks": 3, "model.step_mode": "even", "model.step": 1,
+                   "model.base": 1, "model.channels": 8, "model.growth_rate": 4}}
 # DHM's six mutual KL terms between three untrained heads on a random batch make its loss several times steeper
 # than one cross-entropy: at lr 0.05 with momentum these few steps oscillate, at 0.01 they descend.
 STEP_LR = {"dhm": 0.01}

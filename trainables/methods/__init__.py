@@ -22,7 +22,11 @@ Optional, where a method needs them:
                                 run by `trainables.loop.fit` instead of its epoch loop;
   out.aux["gates"]              [N, L] 0/1 gate decisions, for per-sample MACs and gate-rate logs;
   out.aux["side_logits"]        [S, N, C] logits of train-only side heads (DHM's branches), whose accuracy is
-                                logged per head; `model.side_heads` gives their ids (default 1..S).
+                                logged per head; `model.side_heads` gives their ids (default 1..S);
+  paper_macs(model, image_size) -> [int]
+                                cumulative MACs per exit under the paper's own counting rules (MSDNet's
+                                op_counter.py: ReLU, pooling and linear biases counted too), which `describe`
+                                prints next to the platform's count; frontiers keep the platform's unit.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ METHODS: dict[str, str] = {
     "dsl": "trainables.methods.dsl",
     "lottery": "trainables.methods.lottery",
     "sdn": "trainables.methods.sdn",
+    "msdnet": "trainables.methods.msdnet",
 }
 
 
