@@ -258,7 +258,7 @@ def test_space_leaves_a_fixed_preset_alone_and_contains_the_paper_networks():
         arch = {k: v for k, v in msdnet.PRESETS[preset].items() if k in ("blocks", "step_mode", "step", "base")}
         params = {"model.preset": "custom", **{f"model.{k}": v for k, v in arch.items()}, "model.growth_rate": 6,
                   "model.channels": 16, "model.weights": "uniform", "optim.lr": 0.1, "optim.weight_decay": 1e-4,
-                  "optim.label_smoothing": 0.0}
+                  "optim.label_smoothing": 0.0, "policy.name": "budgeted", "policy.q": 1.0}
         if arch["step_mode"] == "lin_grow":
             del params["model.step"]
         constants = SweepSpace(["msdnet"], {})(optuna.trial.FixedTrial(params))
