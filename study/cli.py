@@ -330,12 +330,16 @@ def cmd_describe(args: argparse.Namespace) -> int:
     card = {"method": cfg.method, "paper": method.PAPER, "dataset": dataset, "num_classes": num_classes,
             "image_size": cfg.data.image_size, "params": params - train_only, "train_params": params,
             **cost.to_dict(), "config": {k: v for k, v in cfg.to_flat().items() if k.startswith("model.")}}
+    if getattr(model, "notes", None):
+        card["notes"] = list(model.notes)
     if args.format == "json":
         print(json.dumps(card, indent=1))
         return 0
     print(f"{card['method']}: {card['paper']}")
     print(f"dataset {dataset} ({num_classes} classes, {cfg.data.image_size}px); {card['params']:,} parameters; "
           f"{card['macs']:,} MACs per image for the whole network, every head included (FLOPs = 2 x MACs)")
+    for note in card.get("notes", []):
+        print(f"note: {note}")
     print(f"{'exit':>4} {'cumulative MACs':>16}")
     for e in card["exits"]:
         print(f"{e['exit']:>4} {e['macs']:>16,}")
