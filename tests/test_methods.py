@@ -16,6 +16,16 @@ from trainables.outputs import MultiExitOutput
 # The smallest member of each family, so the contract tests stay fast and their few SGD steps stable.
 TINY = {"aig": {"model.depth": 20}, "vgg": {"model.depth": 11}, "dhm": {"model.depth": 20}, "dsl": {"model.depth": 20},
         "lottery": {"model.depth": 20}}
+# Other architectures of a method, each run through every contract test on top of its TINY config (test id
+# `<method>-<variant>`): elastic's torchvision backbones, at the smallest width each can take (ResNet-18 has
+# none in torchvision).
+VARIANTS = {"elastic": {"resnet18": {"model.backbone": "resnet18"},
+                        "mobilenet_v2": {"model.backbone": "mobilenet_v2", "model.width": 0.25},
+                        "densenet121": {"model.backbone": "densenet121", "model.width": 0.25},
+                        "vgg16_bn": {"model.backbone": "vgg16_bn", "model.width": 0.125}}}
+CASES = [pytest.param(name, {}, id=name) for name in METHODS] + [
+    pytest.param(name, flat, id=f"{name}-{variant}") for name, variants in VARIANTS.items()
+    for variant, flat in variants.items()]
 # DHM's six mutual KL terms between three untrained heads on a random batch make its loss several times steeper
 # than one cross-entropy: at lr 0.05 with momentum these few steps oscillate, at 0.01 they descend.
 STEP_LR = {"dhm": 0.01}
@@ -28,9 +38,9 @@ def _model(name: str, **flat):
     return cfg, m, m.build(cfg.model, 10)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_output_contract(name):
-    cfg, method, model = _model(name)
+@pytest.mark.parametrize("name,variant", CASES)
+def test_output_contract(name, variant):
+    cfg, method, model = _model(name, **variant)
     out = model(torch.randn(4, 3, 32, 32))
     assert isinstance(out, MultiExitOutput)
     assert out.num_exits == method.num_exits(cfg.model) >= 1
@@ -38,9 +48,9 @@ def test_output_contract(name):
         assert z.shape == (4, 10) and torch.isfinite(z).all()
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_gradients_reach_every_parameter(name):
-    cfg, method, model = _model(name)
+@pytest.mark.parametrize("name,variant", CASES)
+def test_gradients_reach_every_parameter(name, variant):
+    cfg, method, model = _model(name, **variant)
     model.train()
     loss = method.loss(model(torch.randn(8, 3, 32, 32)), torch.arange(8) % 10, cfg.model)
     assert torch.isfinite(loss)
@@ -50,9 +60,9 @@ def test_gradients_reach_every_parameter(name):
     assert not missing
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_one_step_lowers_loss_on_a_fixed_batch(name):
-    cfg, method, model = _model(name)
+@pytest.mark.parametrize("name,variant", CASES)
+def test_one_step_lowers_loss_on_a_fixed_batch(name, variant):
+    cfg, method, model = _model(name, **variant)
     x, y = torch.randn(16, 3, 32, 32), torch.arange(16) % 10
     opt = torch.optim.SGD(model.parameters(), lr=STEP_LR.get(name, 0.05), momentum=0.9)
     model.train()
@@ -66,9 +76,9 @@ def test_one_step_lowers_loss_on_a_fixed_batch(name):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_macs_match_flop_counter_and_exits_are_monotone(name):
-    _, _, model = _model(name)
+@pytest.mark.parametrize("name,variant", CASES)
+def test_macs_match_flop_counter_and_exits_are_monotone(name, variant):
+    _, _, model = _model(name, **variant)
     card = cost_lib.measure(model, 32)
     model.eval()
     with getattr(model, "full_compute", contextlib.nullcontext)():  # every gate open
