@@ -352,12 +352,16 @@ def cmd_describe(args: argparse.Namespace) -> int:
     paper = method.paper_macs(model, cfg.data.image_size) if hasattr(method, "paper_macs") else None
     for e, m in zip(card["exits"], paper or []):
         e["paper_macs"] = m  # the paper's own counting rules, for comparison with its figures
+    if getattr(model, "notes", None):
+        card["notes"] = list(model.notes)
     if args.format == "json":
         print(json.dumps(card, indent=1))
         return 0
     print(f"{card['method']}: {card['paper']}")
     print(f"dataset {dataset} ({num_classes} classes, {cfg.data.image_size}px); {card['params']:,} parameters; "
           f"{card['macs']:,} MACs per image for the whole network, every head included (FLOPs = 2 x MACs)")
+    for note in card.get("notes", []):
+        print(f"note: {note}")
     print(f"{'exit':>4} {'cumulative MACs':>16}" + (f" {'paper rules':>16}" if paper else ""))
     for e in card["exits"]:
         print(f"{e['exit']:>4} {e['macs']:>16,}" + (f" {e['paper_macs']:>16,}" if paper else ""))

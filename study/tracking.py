@@ -11,7 +11,8 @@
                   networks with side heads (DHM, DSL): val_acc_head_<i> per epoch, test_acc_head_<i> at the end;
                   lottery tickets: per pruning level (step = level + 1): level, density, val_acc, test_acc,
                   macs = sparse_macs, dense_macs, and the controls' reinit_/random_mask_ val/test accuracy
-  notes           tag dynastudy.notes: findings of the trial worth a look (a side head beating head 0)
+  notes           tag dynastudy.notes: findings of the trial worth a look (a side head beating head 0) and
+                  facts of its model (`model.notes`: where a torchvision backbone's weights came from, or from scratch)
   artifacts       frontier.parquet (every operating point of the exit-policy grid), cost.json, config.yaml,
                   model.pt (the trained state_dict), gate_rates.parquet (gated networks: rate per layer per
                   class), heads.parquet (side heads: accuracy and path MACs per head), lottery.parquet +

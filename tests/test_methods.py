@@ -19,6 +19,16 @@ TINY = {"aig": {"model.depth": 20}, "vgg": {"model.depth": 11}, "dhm": {"model.d
         # three one-layer blocks: both scale drops (and their transitions) happen, no feature goes unused
         "msdnet": {"model.preset": "custom", "model.blocks": 3, "model.step_mode": "even", "model.step": 1,
                    "model.base": 1, "model.channels": 8, "model.growth_rate": 4}}
+# Other architectures of a method, each run through every contract test on top of its TINY config (test id
+# `<method>-<variant>`): elastic's torchvision backbones, at the smallest width each can take (ResNet-18 has
+# none in torchvision).
+VARIANTS = {"elastic": {"resnet18": {"model.backbone": "resnet18"},
+                        "mobilenet_v2": {"model.backbone": "mobilenet_v2", "model.width": 0.25},
+                        "densenet121": {"model.backbone": "densenet121", "model.width": 0.25},
+                        "vgg16_bn": {"model.backbone": "vgg16_bn", "model.width": 0.125}}}
+CASES = [pytest.param(name, {}, id=name) for name in METHODS] + [
+    pytest.param(name, flat, id=f"{name}-{variant}") for name, variants in VARIANTS.items()
+    for variant, flat in variants.items()]
 # DHM's six mutual KL terms between three untrained heads on a random batch make its loss several times steeper
 # than one cross-entropy: at lr 0.05 with momentum these few steps oscillate, at 0.01 they descend.
 STEP_LR = {"dhm": 0.01}
@@ -31,9 +41,9 @@ def _model(name: str, **flat):
     return cfg, m, m.build(cfg.model, 10)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_output_contract(name):
-    cfg, method, model = _model(name)
+@pytest.mark.parametrize("name,variant", CASES)
+def test_output_contract(name, variant):
+    cfg, method, model = _model(name, **variant)
     out = model(torch.randn(4, 3, 32, 32))
     assert isinstance(out, MultiExitOutput)
     assert out.num_exits == method.num_exits(cfg.model) >= 1
@@ -41,9 +51,9 @@ def test_output_contract(name):
         assert z.shape == (4, 10) and torch.isfinite(z).all()
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_gradients_reach_every_parameter(name):
-    cfg, method, model = _model(name)
+@pytest.mark.parametrize("name,variant", CASES)
+def test_gradients_reach_every_parameter(name, variant):
+    cfg, method, model = _model(name, **variant)
     model.train()
     loss = method.loss(model(torch.randn(8, 3, 32, 32)), torch.arange(8) % 10, cfg.model)
     assert torch.isfinite(loss)
@@ -53,9 +63,9 @@ def test_gradients_reach_every_parameter(name):
     assert not missing
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_one_step_lowers_loss_on_a_fixed_batch(name):
-    cfg, method, model = _model(name)
+@pytest.mark.parametrize("name,variant", CASES)
+def test_one_step_lowers_loss_on_a_fixed_batch(name, variant):
+    cfg, method, model = _model(name, **variant)
     x, y = torch.randn(16, 3, 32, 32), torch.arange(16) % 10
     opt = torch.optim.SGD(model.parameters(), lr=STEP_LR.get(name, 0.05), momentum=0.9)
     model.train()
@@ -69,9 +79,9 @@ def test_one_step_lowers_loss_on_a_fixed_batch(name):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_macs_match_flop_counter_and_exits_are_monotone(name):
-    _, _, model = _model(name)
+@pytest.mark.parametrize("name,variant", CASES)
+def test_macs_match_flop_counter_and_exits_are_monotone(name, variant):
+    _, _, model = _model(name, **variant)
     card = cost_lib.measure(model, 32)
     model.eval()
     with getattr(model, "full_compute", contextlib.nullcontext)():  # every gate open

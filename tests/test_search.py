@@ -45,9 +45,10 @@ def test_several_methods_make_the_method_the_first_choice():
 
 
 def test_fixed_trial_replays_a_config():
-    params = {"model.depth": 32, "model.weights": "uniform", "model.head_dropout": 0.1, "policy.name": "confidence",
-              "policy.threshold": 0.9,
-              "optim.lr": 0.1, "optim.weight_decay": 5e-4, "optim.label_smoothing": 0.0}
+    # model.backbone, policy.name: one-value parameters every elastic trial records (search_spaces/elastic.py).
+    params = {"model.backbone": "cifar_resnet", "model.depth": 32, "model.weights": "uniform",
+              "model.head_dropout": 0.1, "policy.name": "confidence", "policy.threshold": 0.9, "optim.lr": 0.1,
+              "optim.weight_decay": 5e-4, "optim.label_smoothing": 0.0}
     trial = optuna.trial.FixedTrial(params)
     constants = SweepSpace(["elastic"], {})(trial)
     cfg = TrialConfig.from_flat({**params, **constants})

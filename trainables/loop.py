@@ -332,10 +332,11 @@ def fit(cfg: TrialConfig, splits: Splits, ctx: RunContext = RunContext(),
             test_cache, test_outs = exit_cache(model, test, splits.test_y, cost, device)
             test_point = operating_point(cfg, test_cache, cost.exits, calib=val_cache)
             tables = {"gate_rates": gate_table} if gate_table is not None else {}
-            final_metrics, notes = dict(gate_metrics), []
+            final_metrics, notes = dict(gate_metrics), list(getattr(model, "notes", ()))
             if val_heads:
                 test_heads = head_accuracy(model, test_outs, splits.test_y, "test")
-                tables["heads"], notes = head_report(model, cost, val_heads, test_heads)
+                tables["heads"], head_notes = head_report(model, cost, val_heads, test_heads)
+                notes += head_notes
                 final_metrics.update({**val_heads, **test_heads})
             final = FinalResult(
                 val_acc=point.acc, test_acc=test_point.acc, macs=point.macs, test_macs=test_point.macs,

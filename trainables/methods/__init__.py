@@ -16,6 +16,8 @@ Optional, where a method needs them:
   model.set_progress(fraction)  called every training step with the fraction of training done (annealing);
   model.full_compute()          a context manager under which every dynamic part runs (cost measurement);
   model.lesion_units()          the units a lesion study may delete or reorder (trainables/lesion.py);
+  model.notes                   [str]: facts about the built model a user should see (where its weights came
+                                from), shown with the trial's result (tag dynastudy.notes) and by `describe`;
   eval_variants(hp) -> [dict]   evaluation-only config changes (flat keys) whose results join the trial's
                                 frontier, applied without retraining by model.apply_eval(hp);
   fit(cfg, splits, ctx, state)  a training schedule of its own (lottery tickets: one report per pruning level),
