@@ -165,7 +165,14 @@ def probe_configs(spec: SweepSpec, draws_per_method: int = 8) -> list[TrialConfi
                     raise ConfigError(f"--choice {key}={value!r} with method {method}: {e}") from None
     for _ in range(draws_per_method * len(spec.methods)):
         trial = probe.ask()
-        constants = space(trial)
+        try:
+            constants = space(trial)
+        except Exception:
+            # A space may compute with a fixed value (a depth's block count) and fail on a bad one: the fixed keys
+            # alone then name the bad value; if they parse, the failure is the space's own.
+            for method in spec.methods:
+                TrialConfig.from_flat({**fixed_for(method, spec.fixed, spec.methods), "method": method})
+            raise
         fixed = fixed_for(constants["method"], spec.fixed, spec.methods)
         configs.append(TrialConfig.from_flat({**fixed, **trial.params, **constants}))
     return configs
