@@ -160,7 +160,7 @@ def probe_configs(spec: SweepSpec, draws_per_method: int = 8) -> list[TrialConfi
                     TrialConfig.from_flat(fixed)  # the value itself, before a space is asked to use it
                     trial = probe.ask()
                     constants = SweepSpace([method], fixed, {k: v for k, v in spec.choices.items() if k != key})(trial)
-                    configs.append(TrialConfig.from_flat({**fixed, **trial.params, **constants}))
+                    configs.append(TrialConfig.from_flat({**fixed, **constants}))
                 except ConfigError as e:
                     raise ConfigError(f"--choice {key}={value!r} with method {method}: {e}") from None
     for _ in range(draws_per_method * len(spec.methods)):
@@ -174,7 +174,7 @@ def probe_configs(spec: SweepSpec, draws_per_method: int = 8) -> list[TrialConfi
                 TrialConfig.from_flat({**fixed_for(method, spec.fixed, spec.methods), "method": method})
             raise
         fixed = fixed_for(constants["method"], spec.fixed, spec.methods)
-        configs.append(TrialConfig.from_flat({**fixed, **trial.params, **constants}))
+        configs.append(TrialConfig.from_flat({**fixed, **constants}))
     return configs
 
 

@@ -34,11 +34,37 @@ def is_fixed(name: str, fixed: dict[str, Any]) -> bool:
     return name in fixed or (m is not None and m.group(1) in fixed)
 
 
-class FixedAwareTrial:
-    """A trial proxy for search spaces: a key the user fixed returns its fixed value and is not searched."""
+def param_name(method: str, key: str) -> str:
+    """The Optuna name of config key `key` for `method`. Optuna requires one parameter name to keep one
+    distribution (the same categorical choices) across a whole study, and a study may hold several methods whose
+    spaces share keys with different choices (`model.depth` of resnet and vgg), so every parameter is named per
+    method: `resnet:model.depth`. The method choice of a multi-method sweep is named after its choices, since
+    two sweeps of one study may offer different methods: `method[resnet,vgg]`."""
+    return f"{method}:{key}"
 
-    def __init__(self, trial: Any, fixed: dict[str, Any]) -> None:
-        self._trial, self._fixed = trial, fixed
+
+def method_param_name(methods: Sequence[str]) -> str:
+    return f"method[{','.join(methods)}]"
+
+
+def config_keys(params: dict[str, Any]) -> dict[str, Any]:
+    """Optuna parameters (named by `param_name`/`method_param_name`) as flat config keys."""
+    out = {}
+    for name, value in params.items():
+        if name.startswith("method["):
+            out["method"] = value
+        else:
+            out[name.partition(":")[2] or name] = value
+    return out
+
+
+class FixedAwareTrial:
+    """A trial proxy for search spaces: a key the user fixed returns its fixed value and is not searched; the
+    others are suggested under their per-method Optuna name and collected as config keys in `values`."""
+
+    def __init__(self, trial: Any, fixed: dict[str, Any], method: str | None = None) -> None:
+        self._trial, self._fixed, self._method = trial, fixed, method
+        self.values: dict[str, Any] = {}
 
     def _suggest(self, kind: str, name: str, *args: Any, **kwargs: Any) -> Any:
         if is_fixed(name, self._fixed):
@@ -46,7 +72,10 @@ class FixedAwareTrial:
             if name in self._fixed:
                 return self._fixed[name]
             return list(self._fixed[m.group(1)])[int(m.group(2))]
-        return getattr(self._trial, f"suggest_{kind}")(name, *args, **kwargs)
+        optuna_name = param_name(self._method, name) if self._method else name
+        value = getattr(self._trial, f"suggest_{kind}")(optuna_name, *args, **kwargs)
+        self.values[name] = value
+        return value
 
     def suggest_float(self, name: str, *args: Any, **kwargs: Any) -> float:
         return self._suggest("float", name, *args, **kwargs)
@@ -61,7 +90,9 @@ class FixedAwareTrial:
 class SweepSpace:
     """The sweep's space: the method first (when several), then the user's `--choice` keys that apply to it
     (categoricals drawn before the method's space, which then sees them as fixed, so a space can depend on them),
-    then that method's space, fixed keys left out. A picklable callable, since Tune checkpoints the searcher."""
+    then that method's space, fixed keys left out. Returns the trial's config keys: every suggested value under
+    its config key (Optuna knows it by its per-method name, see `param_name`) plus the space's constants.
+    A picklable callable, since Tune checkpoints the searcher with it."""
 
     def __init__(self, methods: Sequence[str], fixed: dict[str, Any],
                  choices: dict[str, Sequence[Any]] | None = None) -> None:
@@ -69,12 +100,16 @@ class SweepSpace:
         self.choices = {k: list(v) for k, v in (choices or {}).items()}
 
     def __call__(self, trial: Any) -> dict[str, Any]:
-        t = FixedAwareTrial(trial, self.fixed)
-        method = self.methods[0] if len(self.methods) == 1 else t.suggest_categorical("method", self.methods)
-        drawn = {key: trial.suggest_categorical(key, values) for key, values in self.choices.items()
-                 if choice_applies(key, method, self.methods)}
-        constants = get_space(method)(FixedAwareTrial(trial, {**self.fixed, **drawn})) or {}
-        return {"method": method, **{k: v for k, v in constants.items() if not is_fixed(k, self.fixed)}}
+        if len(self.methods) == 1 or is_fixed("method", self.fixed):
+            method = self.fixed.get("method", self.methods[0])
+        else:
+            method = trial.suggest_categorical(method_param_name(self.methods), self.methods)
+        drawn = {key: trial.suggest_categorical(param_name(method, key), values)
+                 for key, values in self.choices.items() if choice_applies(key, method, self.methods)}
+        t = FixedAwareTrial(trial, {**self.fixed, **drawn}, method)
+        constants = get_space(method)(t) or {}
+        return {"method": method, **drawn, **t.values,
+                **{k: v for k, v in constants.items() if not is_fixed(k, self.fixed)}}
 
 
 def choice_applies(key: str, method: str, methods: Sequence[str]) -> bool:

@@ -6,7 +6,8 @@ ASHA over two methods on synthetic data and checks that early-stopped trials are
 MLflow, and that a second sweep continues the same study. Then divergence, Ctrl-C, and issue 4's path: `aig`
 swept into one study with `resnet` and `elastic`, one Pareto front, `best` for aig, and the lesion study. Last,
 issue 6's: `dhm` swept and the resnet / dsl / dhm comparison benchmark run into one study; issue 7's: a
-`lottery` sweep with a level per Tune step, its per-level frontier next to another method, and `lottery-compare`.
+`lottery` sweep with a level per Tune step, its per-level frontier next to another method, and `lottery-compare`;
+issue 5's: msdnet, sdn and elastic on two backbones in one study, budgeted-batch frontiers, one front, `best`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import optuna
 import pytest
 import yaml
 
+from study.search import config_keys
 from trainables.config import TrialConfig
 
 pytestmark = pytest.mark.e2e
@@ -125,7 +127,7 @@ def test_asha_prunes_and_a_second_sweep_continues_the_study(tmp_path):
     trials = optuna.load_study(study_name="asha", storage=storage).trials
     states = [t.state.name for t in trials]
     assert set(states) <= {"COMPLETE", "PRUNED"} and "PRUNED" in states and "COMPLETE" in states
-    assert all(t.params["method"] in ("elastic", "resnet") for t in trials)
+    assert all(config_keys(t.params)["method"] in ("elastic", "resnet") for t in trials)
     runs = search_runs(f"sqlite:///{res}/mlflow.db", "asha", "tags.`dynastudy.kind` = 'trial'")
     assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
     stopped = {r.info.run_id for r in runs if "dynastudy.stopped_early" in r.data.tags}
@@ -184,9 +186,9 @@ def test_diverging_trials_fail_with_their_reason_and_the_sweep_goes_on(tmp_path,
         assert r.info.status == "FAILED" and "training loss is nan" in r.data.tags["dynastudy.fail_reason"]
     assert f"{len(by_method['resnet'])} failed" in out and "diverged" in out
     trials = optuna.load_study(study_name="nan", storage=f"sqlite:///{res}/optuna.db").trials
-    states = {t.params["method"]: set() for t in trials}
+    states = {config_keys(t.params)["method"]: set() for t in trials}
     for t in trials:
-        states[t.params["method"]].add(t.state.name)
+        states[config_keys(t.params)["method"]].add(t.state.name)
     assert states == {"elastic": {"COMPLETE"}, "resnet": {"FAIL"}}
     assert all("training loss is nan" in t.user_attrs["fail_reason"] for t in trials if t.state.name == "FAIL")
 
@@ -391,3 +393,74 @@ def test_lottery_sweep_levels_frontier_and_compare(tmp_path, cifar_dir):
     r = subprocess.run([sys.executable, "-m", "study.cli", "lottery-compare", "--run-id", resnet_run,
                         "--results-dir", str(res)], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "is not a finished lottery trial" in r.stderr
+
+
+def test_early_exit_family_on_one_study(tmp_path, cifar_dir):
+    """Issue 5's 'done means' at toy size: msdnet, sdn and elastic on two backbones swept into one CIFAR-10 study;
+    every msdnet trial's frontier holds the 39 budgeted-batch points (thresholds from validation, applied to test)
+    and its anytime per-exit accuracies; one Pareto front over all of them; `best` under a MACs budget returns a
+    config that names its policy and the policy's parameter."""
+    res = tmp_path / "res"
+    uri = f"sqlite:///{res}/mlflow.db"
+    common = ["--study", "ee", "--dataset", "cifar10", "--data-dir", str(cifar_dir), "--subset", "300",
+              "--epochs", "1", "--set", "data.val_size=300", "--set", "data.test_subset=300", "--results-dir",
+              str(res)]
+    tiny_msdnet = ["--set", "model.preset=custom", "--set", "model.blocks=3", "--set", "model.step_mode=even",
+                   "--set", "model.step=1", "--set", "model.base=1", "--set", "model.channels=8",
+                   "--set", "model.growth_rate=4"]
+    dynastudy("sweep", "--method", "msdnet", "--trials", "1", "--concurrency", "1", *tiny_msdnet, *common)
+    dynastudy("sweep", "--method", "sdn", "--trials", "1", "--concurrency", "1", "--set", "model.backbone=resnet",
+              "--set", "model.depth=20", *common)
+    out = dynastudy("sweep", "--method", "elastic", "--trials", "2", "--concurrency", "2", "--seed", "3",
+                    "--choice", "model.backbone=cifar_resnet,mobilenet_v2", "--set", "model.width=0.25",
+                    "--choice", "policy.name=entropy,budgeted", *common).stdout
+    assert out.count(" complete ") == 2, out
+
+    client = mlflow.MlflowClient(uri)
+    trials = search_runs(uri, "ee", "tags.`dynastudy.kind` = 'trial'")
+    by_method = {}
+    for run in trials:
+        by_method.setdefault(run.data.tags["dynastudy.method"], []).append(run)
+    assert {m: len(r) for m, r in by_method.items()} == {"msdnet": 1, "sdn": 1, "elastic": 2}
+    assert {r.data.params["model.backbone"] for r in by_method["elastic"]} <= {"cifar_resnet", "mobilenet_v2"}
+
+    (ms,) = by_method["msdnet"]
+    m = ms.data.metrics
+    assert ms.data.params["policy.name"] == "budgeted" and {f"test_acc_exit_{k}" for k in range(3)} <= set(m)
+    local = client.download_artifacts(ms.info.run_id, "frontier.parquet", str(tmp_path))
+    import pandas as pd
+
+    frontier = pd.read_parquet(local)
+    budgeted = frontier[(frontier["policy"] == "budgeted") & ~frontier["operating"]]
+    assert len(budgeted) == 39 and budgeted["param"].tolist() == [p / 20 for p in range(1, 40)]
+    for row in budgeted.itertuples():
+        tau = json.loads(row.thresholds)
+        assert len(tau) == 3 and tau[-1] == -1e8
+        fractions = json.loads(row.exit_fractions)
+        assert sum(fractions) == pytest.approx(1.0)
+        assert row.macs == pytest.approx(sum(f * m[f"macs_exit_{k}"] for k, f in enumerate(fractions)), rel=1e-6)
+    static = frontier[frontier["policy"] == "static"].sort_values("exit")
+    assert static["test_acc"].tolist() == pytest.approx([m[f"test_acc_exit_{k}"] for k in range(3)])
+
+    (sd,) = by_method["sdn"]
+    assert sd.data.params["policy.name"] == "sdn"
+    for run in by_method["elastic"]:
+        name = run.data.params["policy.name"]
+        f = pd.read_parquet(client.download_artifacts(run.info.run_id, "frontier.parquet", str(tmp_path / run.info.run_id)))
+        assert set(f["policy"]) == {"static", name}
+
+    pts = json.loads(dynastudy("pareto", "--study", "ee", "--all", "--format", "json", "--results-dir", str(res)).stdout)
+    assert {p["method"] for p in pts} == {"msdnet", "sdn", "elastic"}
+    budget = sorted(p["macs"] for p in pts)[len(pts) // 2]
+    best = json.loads(dynastudy("best", "--study", "ee", "--max-macs", str(budget), "--format", "json",
+                                "--results-dir", str(res)).stdout)
+    assert best["macs"] <= budget
+    assert best["val_acc"] == max(p["val_acc"] for p in pts if p["macs"] <= budget)
+    config = best["config"]
+    assert config["policy.name"] in ("static", "confidence", "budgeted", "entropy", "sdn")
+    if config["policy.name"] == "budgeted":
+        assert 0.05 <= config["policy.q"] <= 1.95
+    TrialConfig.from_flat(config)  # a valid config to re-run
+    best_ms = json.loads(dynastudy("best", "--study", "ee", "--method", "msdnet", "--max-macs", "1e12", "--format",
+                                   "json", "--results-dir", str(res)).stdout)
+    assert best_ms["config"]["method"] == "msdnet"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from study.cli import main
-from study.search import SweepSpace
+from study.search import SweepSpace, config_keys, param_name
 from trainables import cost as cost_lib
 from trainables.config import TrialConfig
 from trainables.hparams import ConfigError
@@ -250,8 +250,8 @@ def test_space_leaves_a_fixed_preset_alone_and_contains_the_paper_networks():
     for _ in range(5):
         trial = study.ask()
         constants = space(trial)
-        assert set(k for k in trial.params if k.startswith("model.")) == {"model.weights"}
-        cfg = TrialConfig.from_flat({"model.preset": "anytime", **trial.params, **constants})
+        assert set(k for k in config_keys(trial.params) if k.startswith("model.")) == {"model.weights"}
+        cfg = TrialConfig.from_flat({"model.preset": "anytime", **constants})
         assert cfg.model.blocks == 7
         study.tell(trial, [0.5, 1.0])
     for preset in ("anytime", "budgeted"):
@@ -261,6 +261,7 @@ def test_space_leaves_a_fixed_preset_alone_and_contains_the_paper_networks():
                   "optim.label_smoothing": 0.0, "policy.name": "budgeted", "policy.q": 1.0}
         if arch["step_mode"] == "lin_grow":
             del params["model.step"]
-        constants = SweepSpace(["msdnet"], {})(optuna.trial.FixedTrial(params))
+        constants = SweepSpace(["msdnet"], {})(optuna.trial.FixedTrial({param_name("msdnet", k): v
+                                                                        for k, v in params.items()}))
         cfg = TrialConfig.from_flat({**params, **constants})
         assert msdnet.plan(cfg.model) == msdnet.plan(_cfg(preset=preset).model)

@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from search_spaces import SPACES
-from study.search import SweepSpace, make_sampler
+from study.search import SweepSpace, config_keys, make_sampler, method_param_name, param_name
 from trainables.config import TrialConfig
 from trainables.hparams import ConfigError
 from trainables.methods import METHODS
@@ -23,7 +23,7 @@ def test_random_draws_give_valid_configs(method):
     for _ in range(20):
         trial = study.ask()
         constants = space(trial)
-        cfg = TrialConfig.from_flat({**trial.params, **constants})
+        cfg = TrialConfig.from_flat({**constants})
         assert cfg.method == method
         study.tell(trial, [0.5, 1.0])
 
@@ -33,15 +33,19 @@ def test_fixed_keys_are_not_searched():
     space = SweepSpace(["elastic"], fixed)
     trial = optuna.create_study(directions=["maximize", "minimize"]).ask()
     constants = space(trial)
-    assert not any(k.startswith(("model.depth", "model.weights", "model.exit_weights")) for k in trial.params)
-    cfg = TrialConfig.from_flat({**fixed, **trial.params, **constants})
+    searched = config_keys(trial.params)
+    assert not any(k.startswith(("model.depth", "model.weights", "model.exit_weights")) for k in searched)
+    cfg = TrialConfig.from_flat({**fixed, **constants})
     assert cfg.model.depth == 56 and cfg.model.exit_weights == (0.5,) * 27
 
 
 def test_several_methods_make_the_method_the_first_choice():
     trial = optuna.create_study(directions=["maximize", "minimize"]).ask()
     out = SweepSpace(["resnet", "elastic"], {})(trial)
-    assert list(trial.params)[0] == "method" and out["method"] == trial.params["method"]
+    assert list(trial.params)[0] == "method[resnet,elastic]" == method_param_name(["resnet", "elastic"])
+    assert out["method"] == trial.params["method[resnet,elastic]"] == config_keys(trial.params)["method"]
+    # every other parameter is named per method: one study may hold several methods with different choices
+    assert all(name.startswith(out["method"] + ":") for name in list(trial.params)[1:])
 
 
 def test_fixed_trial_replays_a_config():
@@ -49,7 +53,7 @@ def test_fixed_trial_replays_a_config():
     params = {"model.backbone": "cifar_resnet", "model.depth": 32, "model.weights": "uniform",
               "model.head_dropout": 0.1, "policy.name": "confidence", "policy.threshold": 0.9, "optim.lr": 0.1,
               "optim.weight_decay": 5e-4, "optim.label_smoothing": 0.0}
-    trial = optuna.trial.FixedTrial(params)
+    trial = optuna.trial.FixedTrial({param_name("elastic", k): v for k, v in params.items()})
     constants = SweepSpace(["elastic"], {})(trial)
     cfg = TrialConfig.from_flat({**params, **constants})
     assert cfg.model.depth == 32 and cfg.policy.threshold == 0.9
@@ -123,11 +127,24 @@ def test_choices_are_drawn_first_and_the_space_sees_them():
     for _ in range(12):
         trial = study.ask()
         constants = space(trial)
-        name = trial.params["policy.name"]
+        searched = config_keys(trial.params)
+        name = searched["policy.name"]
         seen.add(name)
-        cfg = TrialConfig.from_flat({"model.depth": 20, **trial.params, **constants})
+        cfg = TrialConfig.from_flat({"model.depth": 20, **constants})
         # the shared policy sub-space searched the drawn policy's own parameter, not the confidence threshold
-        assert ("policy.q" in trial.params) == (name == "budgeted")
-        assert ("policy.entropy" in trial.params) == (name == "entropy")
-        assert "policy.threshold" not in trial.params and cfg.policy.name == name
+        assert ("policy.q" in searched) == (name == "budgeted")
+        assert ("policy.entropy" in searched) == (name == "entropy")
+        assert "policy.threshold" not in searched and cfg.policy.name == name
     assert seen == {"budgeted", "entropy"}
+
+
+def test_methods_whose_spaces_share_keys_with_other_choices_share_a_study():
+    """Optuna keeps one distribution per parameter name for a whole study; resnet's and vgg's model.depth differ
+    (as do elastic's and msdnet's model.weights), so parameters are named per method."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["maximize", "minimize"])
+    for methods in (["resnet"], ["vgg"], ["elastic", "msdnet"], ["sdn", "vgg"], ["msdnet"]):
+        for _ in range(3):
+            trial = study.ask()
+            cfg = TrialConfig.from_flat(SweepSpace(methods, {})(trial))
+            assert cfg.method in methods
+            study.tell(trial, [0.5, 1.0])

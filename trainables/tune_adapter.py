@@ -39,7 +39,9 @@ class TrialEnv:
 
 
 def resolve_config(fixed: dict[str, Any], suggested: dict[str, Any]) -> TrialConfig:
-    return TrialConfig.from_flat({**fixed, **suggested})
+    # Tune's config also holds Optuna's own names of the suggested values (`elastic:model.depth`,
+    # `method[resnet,vgg]`; study/search.py), each value also present under its config key: leave those out.
+    return TrialConfig.from_flat({**fixed, **{k: v for k, v in suggested.items() if ":" not in k and "[" not in k}})
 
 
 def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays) -> None:
