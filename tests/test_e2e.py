@@ -412,7 +412,7 @@ def test_early_exit_family_on_one_study(tmp_path, cifar_dir):
     dynastudy("sweep", "--method", "sdn", "--trials", "1", "--concurrency", "1", "--set", "model.backbone=resnet",
               "--set", "model.depth=20", *common)
     out = dynastudy("sweep", "--method", "elastic", "--trials", "2", "--concurrency", "2", "--seed", "3",
-                    "--choice", "model.backbone=cifar_resnet,mobilenet_v2", "--set", "model.width=0.25",
+                    "--choice", "model.backbone=cifar_resnet,mobilenet_v2",
                     "--choice", "policy.name=entropy,budgeted", *common).stdout
     assert out.count(" complete ") == 2, out
 
@@ -438,7 +438,7 @@ def test_early_exit_family_on_one_study(tmp_path, cifar_dir):
         assert len(tau) == 3 and tau[-1] == -1e8
         fractions = json.loads(row.exit_fractions)
         assert sum(fractions) == pytest.approx(1.0)
-        assert row.macs == pytest.approx(sum(f * m[f"macs_exit_{k}"] for k, f in enumerate(fractions)), rel=1e-6)
+        assert row.macs == pytest.approx(sum(f * m[f"macs_exit_{k}"] for k, f in enumerate(fractions)), rel=1e-9)
     static = frontier[frontier["policy"] == "static"].sort_values("exit")
     assert static["test_acc"].tolist() == pytest.approx([m[f"test_acc_exit_{k}"] for k in range(3)])
 

@@ -285,7 +285,7 @@ def frontier(val: ExitCache, test: ExitCache | None, cum_macs: Sequence[int],
                      "exit": policy.exit if policy.name == "static" else -1,
                      "operating": label == "operating",
                      "overrides": json.dumps(overrides or {}, sort_keys=True),
-                     "exit_fractions": json.dumps([round(f, 6) for f in v.exit_fractions]),
+                     "exit_fractions": json.dumps(list(v.exit_fractions)),
                      "val_acc": v.acc, "macs": v.macs, "test_acc": t.acc, "test_macs": t.macs})
     return pd.DataFrame(rows)
 
