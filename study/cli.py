@@ -87,7 +87,9 @@ def parse_choices(items: Sequence[str]) -> dict[str, tuple]:
             values = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
         except yaml.YAMLError:
             raise ConfigError(f"--choice {item!r}: the values are not valid YAML") from None
-        out[key.strip()] = tuple(values)
+        if key.strip() in out:
+            raise ConfigError(f"--choice {key.strip()} is given twice; give all its values in one --choice")
+        out[key.strip()] = tuple(values) if isinstance(values, list) else (values,)
     return out
 
 

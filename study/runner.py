@@ -20,7 +20,7 @@ from typing import Any, Sequence, TextIO
 import optuna
 
 from study import paths
-from study.search import METRICS, MODES, SAMPLERS, SweepSpace, choice_applies, make_sampler
+from study.search import METRICS, MODES, SAMPLERS, SweepSpace, choice_applies, is_fixed, make_sampler
 from study.tracking import TAG_FAIL, TAG_PARENT, TAG_STOPPED, Tracker, check_reachable
 from trainables import data as data_lib
 from trainables.config import TrialConfig
@@ -156,13 +156,17 @@ def probe_configs(spec: SweepSpec, draws_per_method: int = 8) -> list[TrialConfi
                 if not choice_applies(key, method, spec.methods):
                     continue
                 fixed = {**fixed_for(method, spec.fixed, spec.methods), "method": method, key: value}
-                try:
-                    TrialConfig.from_flat(fixed)  # the value itself, before a space is asked to use it
-                    trial = probe.ask()
-                    constants = SweepSpace([method], fixed, {k: v for k, v in spec.choices.items() if k != key})(trial)
+                try:  # through the space, which may complete the value (sdn: backbone=vgg sets its depth)
+                    constants = SweepSpace([method], fixed)(probe.ask())
                     configs.append(TrialConfig.from_flat({**fixed, **constants}))
                 except ConfigError as e:
                     raise ConfigError(f"--choice {key}={value!r} with method {method}: {e}") from None
+                except Exception:  # a space that cannot use the value: the value alone says why
+                    try:
+                        TrialConfig.from_flat(fixed)
+                    except ConfigError as e:
+                        raise ConfigError(f"--choice {key}={value!r} with method {method}: {e}") from None
+                    raise
     for _ in range(draws_per_method * len(spec.methods)):
         trial = probe.ask()
         try:
@@ -210,12 +214,19 @@ def validate(spec: SweepSpec) -> Plan:
     if fixed_method is not None and fixed_method not in spec.methods:
         raise ConfigError(f"the config fixes method={fixed_method}, which is not among --method {list(spec.methods)}")
     for key, values in spec.choices.items():
-        if key in spec.fixed:
+        if key in ("method", "seed"):
+            raise ConfigError(f"--choice {key}=... is not searchable: give several --method flags for methods, "
+                              "and --set seed=N for a seed")
+        if is_fixed(key, spec.fixed) or any(k.startswith(key + ".") for k in spec.fixed):
             raise ConfigError(f"--choice {key} is also fixed (--set/--config): a key is either fixed or searched")
-        if not values or len(set(map(repr, values))) != len(values):
-            raise ConfigError(f"--choice {key}={list(values)} needs distinct values")
+        repeated = sorted({repr(v) for v in values if list(values).count(v) > 1})
+        if not values or repeated:
+            raise ConfigError(f"--choice {key} needs one or more distinct values; got {list(values)}"
+                              + (f" ({', '.join(repeated)} repeated)" if repeated else ""))
         if not any(choice_applies(key, m, spec.methods) for m in spec.methods):
-            raise ConfigError(f"--choice {key}: no method of {list(spec.methods)} has this key")
+            keys = sorted({k for m in spec.methods for k in TrialConfig.valid_keys(m) if k.startswith("model.")})
+            raise ConfigError(f"--choice {key}: no method of {list(spec.methods)} has this key; their model keys: "
+                              + ", ".join(keys))
     probes = probe_configs(spec)
     datasets = {c.data.dataset for c in probes}
     if len(datasets) > 1:  # the data is loaded once and shared by every trial

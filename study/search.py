@@ -34,13 +34,14 @@ def is_fixed(name: str, fixed: dict[str, Any]) -> bool:
     return name in fixed or (m is not None and m.group(1) in fixed)
 
 
-def param_name(method: str, key: str) -> str:
+def param_name(method: str, key: str, choices: Sequence[Any] | None = None) -> str:
     """The Optuna name of config key `key` for `method`. Optuna requires one parameter name to keep one
     distribution (the same categorical choices) across a whole study, and a study may hold several methods whose
     spaces share keys with different choices (`model.depth` of resnet and vgg), so every parameter is named per
-    method: `resnet:model.depth`. The method choice of a multi-method sweep is named after its choices, since
-    two sweeps of one study may offer different methods: `method[resnet,vgg]`."""
-    return f"{method}:{key}"
+    method: `resnet:model.depth`. A user's `--choice` also carries its values, since two sweeps of one study may
+    offer different ones: `elastic:model.backbone[cifar_resnet,resnet18]`; so does the method choice of a
+    multi-method sweep: `method[resnet,vgg]`."""
+    return f"{method}:{key}" + (f"[{','.join(map(str, choices))}]" if choices is not None else "")
 
 
 def method_param_name(methods: Sequence[str]) -> str:
@@ -54,7 +55,7 @@ def config_keys(params: dict[str, Any]) -> dict[str, Any]:
         if name.startswith("method["):
             out["method"] = value
         else:
-            out[name.partition(":")[2] or name] = value
+            out[(name.partition(":")[2] or name).partition("[")[0]] = value
     return out
 
 
@@ -104,12 +105,13 @@ class SweepSpace:
             method = self.fixed.get("method", self.methods[0])
         else:
             method = trial.suggest_categorical(method_param_name(self.methods), self.methods)
-        drawn = {key: trial.suggest_categorical(param_name(method, key), values)
+        drawn = {key: trial.suggest_categorical(param_name(method, key, values), values)
                  for key, values in self.choices.items() if choice_applies(key, method, self.methods)}
-        t = FixedAwareTrial(trial, {**self.fixed, **drawn}, method)
+        given = {**self.fixed, **drawn}
+        t = FixedAwareTrial(trial, given, method)
         constants = get_space(method)(t) or {}
         return {"method": method, **drawn, **t.values,
-                **{k: v for k, v in constants.items() if not is_fixed(k, self.fixed)}}
+                **{k: v for k, v in constants.items() if not is_fixed(k, given)}}
 
 
 def choice_applies(key: str, method: str, methods: Sequence[str]) -> bool:

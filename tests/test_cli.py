@@ -37,7 +37,11 @@ def _sweep(tmp_path, *extra):
     (["--choice", "policy.name=budgeted,nope"], "--choice policy.name='nope' with method elastic: policy.name='nope' "
                                                 "is not one of: confidence, static, budgeted, entropy, sdn"),
     (["--choice", "model.depth=20", "--set", "model.depth=20"], "--choice model.depth is also fixed"),
-    (["--choice", "model.depth=20,20"], "--choice model.depth=[20, 20] needs distinct values"),
+    (["--choice", "model.depth=20,20"], "--choice model.depth needs one or more distinct values; got [20, 20] "
+                                        "(20 repeated)"),
+    (["--choice", "method=resnet,vgg"], "--choice method=... is not searchable"),
+    (["--choice", "model.depth=20", "--choice", "model.depth=32"], "--choice model.depth is given twice"),
+    (["--choice", "model.nope=1,2"], "--choice model.nope=1 with method elastic: unknown config key 'model.nope'"),
     (["--choice", "policy.name"], "--choice 'policy.name' is not key=value1,value2,..."),
 ])
 def test_bad_sweep_input(tmp_path, capsys, extra, fragment):

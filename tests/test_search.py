@@ -148,3 +148,33 @@ def test_methods_whose_spaces_share_keys_with_other_choices_share_a_study():
             cfg = TrialConfig.from_flat(SweepSpace(methods, {})(trial))
             assert cfg.method in methods
             study.tell(trial, [0.5, 1.0])
+
+
+def test_choices_carry_their_values_in_optuna_names_and_sweeps_with_other_values_share_a_study():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["maximize", "minimize"])
+    for choices in ({}, {"model.backbone": ["cifar_resnet", "mobilenet_v2"]}, {"model.backbone": ["resnet18"]},
+                    {"optim.lr": [0.05, 0.1]}):
+        for _ in range(3):
+            trial = study.ask()
+            config = SweepSpace(["elastic"], {}, choices)(trial)
+            cfg = TrialConfig.from_flat(config)
+            for key, values in choices.items():
+                assert param_name("elastic", key, values) in trial.params
+                assert getattr(cfg.model if key.startswith("model.") else cfg.optim, key.split(".")[1]) in values
+            study.tell(trial, [0.5, 1.0])
+
+
+def test_a_choice_the_space_completes_is_valid_and_wins_over_the_space_constants(tmp_path):
+    from study.runner import SweepSpec, validate
+
+    spec = SweepSpec(study="s", methods=("sdn",), trials=1, fixed={"method": "sdn", "data.dataset": "synthetic"},
+                     results_dir=tmp_path, tracking_uri=f"sqlite:///{tmp_path}/m.db",
+                     storage=f"sqlite:///{tmp_path}/o.db", choices={"model.backbone": ("resnet", "vgg")})
+    plan = validate(spec)  # vgg needs depth 16, which sdn's space sets for it
+    assert {(c.model.backbone, c.model.depth if c.model.backbone == "vgg" else 0) for c in plan.probes} >= \
+        {("vgg", 16), ("resnet", 0)}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["maximize", "minimize"])
+    seen = set()
+    for _ in range(8):  # a chosen depth is the trained depth, even where the space has a constant for it (vgg: 16)
+        seen.add(SweepSpace(["sdn"], {"model.backbone": "vgg"}, {"model.depth": [11, 16]})(study.ask())["model.depth"])
+    assert seen == {11, 16}

@@ -69,6 +69,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}={value!r} is not a number")
         return float(value)
     if tp is str:
+        if value is None:  # YAML's empty value (`key:`, or an empty MLflow param read back as YAML)
+            return ""
         if not isinstance(value, str):
             value = str(value)
         return value

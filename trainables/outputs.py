@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclasses.dataclass
@@ -22,3 +23,9 @@ class MultiExitOutput:
     @property
     def final(self) -> torch.Tensor:
         return self.logits[-1]
+
+
+def weighted_ce(logits: list[torch.Tensor], y: torch.Tensor, weights: list[float],
+                label_smoothing: float = 0.0) -> torch.Tensor:
+    """sum_k w_k * CE(logits_k, y): the joint loss of multi-exit training (Elastic, MSDNet, BranchyNet)."""
+    return sum(w * F.cross_entropy(z, y, label_smoothing=label_smoothing) for w, z in zip(weights, logits))

@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from trainables.cost import Segment
 from trainables.hparams import ConfigError, Hparams as _Hparams, hp
 from trainables.models import torchvision_backbones as tvb
 from trainables.models.cifar_resnet import DEPTHS, CifarResNet, PoolLinear, block_segments, blocks_per_stage
-from trainables.outputs import MultiExitOutput
+from trainables.outputs import MultiExitOutput, weighted_ce
 
 NAME = "elastic"
 PAPER = "Zhou, Bai, Bhattacharyya, Huttunen. Elastic Neural Networks for Classification. AICAS 2019."
@@ -180,5 +179,4 @@ def build(hp: Hparams, num_classes: int) -> nn.Module:
 
 
 def loss(out: MultiExitOutput, y: torch.Tensor, hp: Hparams, label_smoothing: float = 0.0) -> torch.Tensor:
-    return sum(w * F.cross_entropy(z, y, label_smoothing=label_smoothing)
-               for w, z in zip(exit_weights(hp), out.logits))
+    return weighted_ce(out.logits, y, exit_weights(hp), label_smoothing)

@@ -40,11 +40,10 @@ from typing import Any
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from trainables.cost import Segment
 from trainables.hparams import ConfigError, Hparams as _Hparams, hp
-from trainables.outputs import MultiExitOutput
+from trainables.outputs import MultiExitOutput, weighted_ce
 
 NAME = "msdnet"
 PAPER = ("Huang, Chen, Li, Wu, van der Maaten, Weinberger. Multi-Scale Dense Networks for Resource Efficient "
@@ -339,8 +338,7 @@ def build(hp: Hparams, num_classes: int) -> MSDNet:
 
 
 def loss(out: MultiExitOutput, y: torch.Tensor, hp: Hparams, label_smoothing: float = 0.0) -> torch.Tensor:
-    return sum(w * F.cross_entropy(z, y, label_smoothing=label_smoothing)
-               for w, z in zip(exit_weights(hp), out.logits))
+    return weighted_ce(out.logits, y, exit_weights(hp), label_smoothing)
 
 
 _FREE = (nn.BatchNorm2d, nn.Flatten)  # no ops under the paper's rules
