@@ -197,3 +197,9 @@ def test_a_method_brings_its_default_policy_and_the_user_key_wins():
     assert TrialConfig.from_flat({"method": "sdn", "model.depth": 20}).policy.name == "sdn"
     assert TrialConfig.from_flat({"method": "sdn", "model.depth": 20, "policy.name": "entropy"}).policy.name == "entropy"
     assert TrialConfig.from_flat({"method": "elastic"}).policy.name == "confidence"
+
+
+def test_every_trial_frontier_includes_the_budgeted_batch_grid_unless_told_otherwise():
+    assert policies.frontier_families(PolicyHparams()) == ("confidence", "budgeted")
+    assert policies.frontier_families(PolicyHparams(name="budgeted")) == ("budgeted",)
+    assert policies.frontier_families(PolicyHparams(name="sdn", grid=("entropy",))) == ("entropy",)

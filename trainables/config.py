@@ -66,7 +66,7 @@ class PolicyHparams(Hparams):
                   "them; MSDNet sweeps 0.05..1.95)", low=0.001, high=100.0)
     exit: int = hp(-1, "static policy: the exit every sample takes (-1 = the last)", low=-1)
     grid: tuple[str, ...] = hp((), "policy families swept for the trial's frontier, besides the static exits "
-                               "(empty = the operating policy's own family), e.g. [budgeted,entropy,sdn]",
+                               "(empty = the operating policy's own family and budgeted), e.g. [entropy,sdn]",
                                choices=POLICIES)
 
 

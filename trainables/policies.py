@@ -291,5 +291,6 @@ def frontier(val: ExitCache, test: ExitCache | None, cum_macs: Sequence[int],
 
 
 def frontier_families(policy: PolicyHparams) -> tuple[str, ...]:
-    """The families a trial's frontier sweeps: `policy.grid` if set, else the operating policy's own family."""
-    return tuple(policy.grid) if policy.grid else (policy.name,)
+    """The families a trial's frontier sweeps: `policy.grid` if set, else the operating policy's own family and
+    MSDNet's budgeted-batch priors, so every multi-exit trial of a study has a budgeted-batch frontier to compare."""
+    return tuple(policy.grid) if policy.grid else tuple(dict.fromkeys((policy.name, "budgeted")))
