@@ -27,7 +27,7 @@ def test_fit_reports_every_epoch_and_a_final_result(tiny_splits):
     assert len(f.exit_val_acc) == len(f.exit_test_acc) == 9 == len(f.cost.exits)
     assert 0 < f.macs <= f.cost.total and f.val_acc == m["val_acc"]
     assert f.val_acc > 0.2  # learnable synthetic data: well above the 0.1 of chance after two epochs
-    assert set(f.frontier["policy"]) == {"static", "confidence"}
+    assert set(f.frontier["policy"]) == {"static", "confidence", "budgeted"}
     assert abs(sum(f.val_exit_fractions) - 1) < 1e-9
 
 
