@@ -20,7 +20,7 @@ from typing import Any, Sequence, TextIO
 import optuna
 
 from study import paths
-from study.search import METRICS, MODES, SAMPLERS, SweepSpace, choice_applies, is_fixed, make_sampler
+from study.search import METRICS, MODES, SAMPLERS, SweepSpace, choice_applies, for_method, is_fixed, make_sampler
 from study.tracking import TAG_FAIL, TAG_PARENT, TAG_STOPPED, Tracker, check_reachable
 from trainables import data as data_lib
 from trainables.config import TrialConfig
@@ -122,18 +122,8 @@ def check_storage(url: str, directions: list[str], study: str) -> int:
 
 
 def fixed_for(method: str, fixed: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
-    """The fixed keys that apply to `method`: in a sweep of several methods, a `model.*` key that only the
-    others define is left out (a key no method of the sweep defines stays, and is reported as unknown)."""
-    own = set(get_method(method).Hparams.field_names())
-    anyone = set().union(*(get_method(m).Hparams.field_names() for m in methods))
-    out = {}
-    for key, value in fixed.items():
-        group, _, name = key.partition(".")
-        field = name.split(".")[0]
-        if group == "model" and field not in own and field in anyone:
-            continue
-        out[key] = value
-    return out
+    """The fixed keys that apply to `method` (see `study.search.for_method`)."""
+    return for_method(method, fixed, methods)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +145,8 @@ def probe_configs(spec: SweepSpec, draws_per_method: int = 8) -> list[TrialConfi
             for method in spec.methods:
                 if not choice_applies(key, method, spec.methods):
                     continue
-                fixed = {**fixed_for(method, spec.fixed, spec.methods), "method": method, key: value}
+                fixed = {**fixed_for(method, spec.fixed, spec.methods), "method": method,
+                         key.rpartition(":")[2]: value}
                 try:  # through the space, which may complete the value (sdn: backbone=vgg sets its depth)
                     constants = SweepSpace([method], fixed)(probe.ask())
                     configs.append(TrialConfig.from_flat({**fixed, **constants}))
@@ -213,12 +204,20 @@ def validate(spec: SweepSpec) -> Plan:
     fixed_method = spec.fixed.get("method")
     if fixed_method is not None and fixed_method not in spec.methods:
         raise ConfigError(f"the config fixes method={fixed_method}, which is not among --method {list(spec.methods)}")
+    for key in [*spec.fixed, *spec.choices]:
+        target, sep, _ = key.rpartition(":")
+        if sep and target not in spec.methods:
+            raise ConfigError(f"{key!r} is for method {target!r}, which is not among --method {list(spec.methods)}")
     for key, values in spec.choices.items():
         if key in ("method", "seed"):
             raise ConfigError(f"--choice {key}=... is not searchable: give several --method flags for methods, "
                               "and --set seed=N for a seed")
-        if is_fixed(key, spec.fixed) or any(k.startswith(key + ".") for k in spec.fixed):
-            raise ConfigError(f"--choice {key} is also fixed (--set/--config): a key is either fixed or searched")
+        plain = key.rpartition(":")[2]
+        for m in (m for m in spec.methods if choice_applies(key, m, spec.methods)):
+            fixed = fixed_for(m, spec.fixed, spec.methods)
+            if is_fixed(plain, fixed) or any(k.startswith(plain + ".") for k in fixed):
+                raise ConfigError(f"--choice {key} is also fixed (--set/--config): a key is either fixed or "
+                                  "searched")
         repeated = sorted({repr(v) for v in values if list(values).count(v) > 1})
         if not values or repeated:
             raise ConfigError(f"--choice {key} needs one or more distinct values; got {list(values)}"

@@ -106,8 +106,8 @@ class SweepSpace:
         else:
             method = trial.suggest_categorical(method_param_name(self.methods), self.methods)
         drawn = {key: trial.suggest_categorical(param_name(method, key, values), values)
-                 for key, values in self.choices.items() if choice_applies(key, method, self.methods)}
-        given = {**self.fixed, **drawn}
+                 for key, values in for_method(method, self.choices, self.methods).items()}
+        given = {**for_method(method, self.fixed, self.methods), **drawn}
         t = FixedAwareTrial(trial, given, method)
         constants = get_space(method)(t) or {}
         return {"method": method, **drawn, **t.values,
@@ -115,8 +115,29 @@ class SweepSpace:
 
 
 def choice_applies(key: str, method: str, methods: Sequence[str]) -> bool:
-    """A `model.*` choice only applies to the methods of a multi-method sweep that define that field."""
+    """Whether a `--set`/`--choice` key applies to `method`: a key qualified with a method (`elastic:model.width`)
+    applies to that method only; in a multi-method sweep, a plain `model.*` key applies to the methods that
+    define that field."""
     from trainables.methods import get_method
 
+    target, sep, key = key.rpartition(":")
+    if sep:
+        return target == method
     group, _, name = key.partition(".")
     return group != "model" or len(methods) == 1 or name.split(".")[0] in get_method(method).Hparams.field_names()
+
+
+def for_method(method: str, keys: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
+    """The keys (fixed values or choices) that apply to `method`, qualified ones under their plain name. A plain
+    `model.*` key that no method of the sweep defines stays, and is reported as unknown."""
+    from trainables.methods import get_method
+
+    anyone = set().union(*(get_method(m).Hparams.field_names() for m in methods))
+    out = {}
+    for key, value in keys.items():
+        plain = key.rpartition(":")[2]
+        group, _, name = plain.partition(".")
+        if choice_applies(key, method, methods) or (":" not in key and group == "model"
+                                                    and name.split(".")[0] not in anyone):
+            out[plain] = value
+    return out

@@ -250,10 +250,11 @@ def test_aig_next_to_resnet_and_elastic_then_the_lesion_study(tmp_path, cifar_di
               "--epochs", "1", "--set", "model.depth=20", "--set", "data.val_size=1000",
               "--set", "data.test_subset=1000", "--results-dir", str(res)]
     dynastudy("sweep", "--method", "aig", "--trials", "2", "--concurrency", "2", *common)
-    dynastudy("sweep", "--method", "resnet", "--trials", "1", "--concurrency", "1", *common)
-    dynastudy("sweep", "--method", "elastic", "--trials", "1", "--concurrency", "1", *common)
+    # The baselines trained once each in this process (`run`: no Ray start-up), into the same study.
+    for method in ("resnet", "elastic"):
+        dynastudy("run", "--method", method, *common)
 
-    trials = search_runs(uri, "dyn", "tags.`dynastudy.kind` = 'trial'")
+    trials = search_runs(uri, "dyn", "tags.`dynastudy.kind` != 'sweep'")
     by_method = {r.data.tags["dynastudy.method"]: r for r in trials}
     assert len(trials) == 4 and set(by_method) == {"aig", "resnet", "elastic"}
     client = mlflow.MlflowClient(uri)
@@ -352,13 +353,13 @@ def test_lottery_sweep_levels_frontier_and_compare(tmp_path, cifar_dir):
     common = ["--study", "lt", "--dataset", "cifar10", "--data-dir", str(cifar_dir), "--subset", "500",
               "--epochs", "1", "--set", "data.val_size=500", "--set", "data.test_subset=500", "--results-dir",
               str(res)]
-    out = dynastudy("sweep", "--method", "lottery", "--trials", "2", "--concurrency", "2", "--set",
+    out = dynastudy("sweep", "--method", "lottery", "--trials", "1", "--concurrency", "1", "--set",
                     "model.levels=2", "--set", "model.rewind_step=2", "--set", "model.controls=both", *common).stdout
-    assert out.count(" complete ") == 2, out
-    dynastudy("sweep", "--method", "resnet", "--trials", "1", "--concurrency", "1", "--set", "model.depth=20", *common)
+    assert out.count(" complete ") == 1, out
+    dynastudy("run", "--method", "resnet", "--set", "model.depth=20", *common)  # the dense baseline, no Ray
     client = mlflow.MlflowClient(uri)
     trials = search_runs(uri, "lt", "tags.`dynastudy.method` = 'lottery'")
-    assert len(trials) == 2
+    assert len(trials) == 1
     for run in trials:
         rid, params = run.info.run_id, run.data.params
         f = float(params["model.prune_fraction"])
@@ -376,8 +377,8 @@ def test_lottery_sweep_levels_frontier_and_compare(tmp_path, cifar_dir):
     assert {p["method"] for p in pts} == {"lottery", "resnet"}
     every = json.loads(dynastudy("pareto", "--study", "lt", "--all", "--method", "lottery", "--format", "json",
                                  "--results-dir", str(res)).stdout)
-    assert len(every) == 6 and sorted({p["run_id"] for p in every}) == sorted(t.info.run_id for t in trials)
-    assert sum(p["macs"] < 40.8e6 for p in every) == 4  # the pruned levels are cheaper than the dense network
+    assert len(every) == 3 and sorted({p["run_id"] for p in every}) == sorted(t.info.run_id for t in trials)
+    assert sum(p["macs"] < 40.8e6 for p in every) == 2  # the pruned levels are cheaper than the dense network
     best = json.loads(dynastudy("best", "--study", "lt", "--method", "lottery", "--max-macs", "1e12", "--format",
                                 "json", "--results-dir", str(res)).stdout)
     assert best["config"]["method"] == "lottery" and best["config"]["model.levels"] in (0, 1, 2)
@@ -396,7 +397,7 @@ def test_lottery_sweep_levels_frontier_and_compare(tmp_path, cifar_dir):
 
 
 def test_early_exit_family_on_one_study(tmp_path, cifar_dir):
-    """Issue 5's 'done means' at toy size: msdnet, sdn and elastic on two backbones swept into one CIFAR-10 study;
+    """Issue 5's 'done means' at toy size: msdnet, sdn and elastic on two backbones swept together into one study;
     every msdnet trial's frontier holds the 39 budgeted-batch points (thresholds from validation, applied to test)
     and its anytime per-exit accuracies; one Pareto front over all of them; `best` under a MACs budget returns a
     config that names its policy and the policy's parameter."""
@@ -405,16 +406,17 @@ def test_early_exit_family_on_one_study(tmp_path, cifar_dir):
     common = ["--study", "ee", "--dataset", "cifar10", "--data-dir", str(cifar_dir), "--subset", "300",
               "--epochs", "1", "--set", "data.val_size=300", "--set", "data.test_subset=300", "--results-dir",
               str(res)]
-    tiny_msdnet = ["--set", "model.preset=custom", "--set", "model.blocks=3", "--set", "model.step_mode=even",
-                   "--set", "model.step=1", "--set", "model.base=1", "--set", "model.channels=8",
-                   "--set", "model.growth_rate=4"]
-    dynastudy("sweep", "--method", "msdnet", "--trials", "1", "--concurrency", "1", *tiny_msdnet, *common)
-    dynastudy("sweep", "--method", "sdn", "--trials", "1", "--concurrency", "1", "--set", "model.backbone=resnet",
-              "--set", "model.depth=20", *common)
-    out = dynastudy("sweep", "--method", "elastic", "--trials", "2", "--concurrency", "2", "--seed", "3",
-                    "--choice", "model.backbone=cifar_resnet,mobilenet_v2",
-                    "--choice", "policy.name=entropy,budgeted", *common).stdout
-    assert out.count(" complete ") == 2, out
+    # One sweep over the three methods; keys qualified with a method apply to it alone (sdn's and elastic's
+    # model.backbone differ). TPE's random start-up with this seed draws all three methods and both backbones in
+    # four trials (checked below: a new Optuna version may draw others; then pick another seed).
+    tiny_msdnet = [a for k, v in (("preset", "custom"), ("blocks", 3), ("step_mode", "even"), ("step", 1),
+                                  ("base", 1), ("channels", 8), ("growth_rate", 4))
+                   for a in ("--set", f"msdnet:model.{k}={v}")]
+    out = dynastudy("sweep", "--method", "msdnet", "--method", "sdn", "--method", "elastic", "--trials", "4",
+                    "--concurrency", "2", "--seed", "4", *tiny_msdnet, "--set", "sdn:model.backbone=resnet",
+                    "--set", "sdn:model.depth=20", "--choice", "elastic:model.backbone=cifar_resnet,mobilenet_v2",
+                    *common).stdout
+    assert out.count(" complete ") == 4, out
 
     client = mlflow.MlflowClient(uri)
     trials = search_runs(uri, "ee", "tags.`dynastudy.kind` = 'trial'")
@@ -422,7 +424,7 @@ def test_early_exit_family_on_one_study(tmp_path, cifar_dir):
     for run in trials:
         by_method.setdefault(run.data.tags["dynastudy.method"], []).append(run)
     assert {m: len(r) for m, r in by_method.items()} == {"msdnet": 1, "sdn": 1, "elastic": 2}
-    assert {r.data.params["model.backbone"] for r in by_method["elastic"]} <= {"cifar_resnet", "mobilenet_v2"}
+    assert {r.data.params["model.backbone"] for r in by_method["elastic"]} == {"cifar_resnet", "mobilenet_v2"}
 
     (ms,) = by_method["msdnet"]
     m = ms.data.metrics
@@ -446,10 +448,12 @@ def test_early_exit_family_on_one_study(tmp_path, cifar_dir):
     assert sd.data.params["policy.name"] == "sdn"
     for run in by_method["elastic"]:
         name = run.data.params["policy.name"]
-        f = pd.read_parquet(client.download_artifacts(run.info.run_id, "frontier.parquet", str(tmp_path / run.info.run_id)))
+        f = pd.read_parquet(client.download_artifacts(run.info.run_id, "frontier.parquet",
+                                                      str(tmp_path / run.info.run_id)))
         assert set(f["policy"]) == {"static", name, "budgeted"}  # every trial has a budgeted-batch frontier
 
-    pts = json.loads(dynastudy("pareto", "--study", "ee", "--all", "--format", "json", "--results-dir", str(res)).stdout)
+    pts = json.loads(dynastudy("pareto", "--study", "ee", "--all", "--format", "json", "--results-dir",
+                               str(res)).stdout)
     assert {p["method"] for p in pts} == {"msdnet", "sdn", "elastic"}
     budget = sorted(p["macs"] for p in pts)[len(pts) // 2]
     best = json.loads(dynastudy("best", "--study", "ee", "--max-macs", str(budget), "--format", "json",

@@ -195,7 +195,8 @@ def test_a_method_brings_its_default_policy_and_the_user_key_wins():
     from trainables.config import TrialConfig
 
     assert TrialConfig.from_flat({"method": "sdn", "model.depth": 20}).policy.name == "sdn"
-    assert TrialConfig.from_flat({"method": "sdn", "model.depth": 20, "policy.name": "entropy"}).policy.name == "entropy"
+    chosen = TrialConfig.from_flat({"method": "sdn", "model.depth": 20, "policy.name": "entropy"})
+    assert chosen.policy.name == "entropy"
     assert TrialConfig.from_flat({"method": "elastic"}).policy.name == "confidence"
 
 

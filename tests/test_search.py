@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 import pytest
 
@@ -178,3 +180,23 @@ def test_a_choice_the_space_completes_is_valid_and_wins_over_the_space_constants
     for _ in range(8):  # a chosen depth is the trained depth, even where the space has a constant for it (vgg: 16)
         seen.add(SweepSpace(["sdn"], {"model.backbone": "vgg"}, {"model.depth": [11, 16]})(study.ask())["model.depth"])
     assert seen == {11, 16}
+
+
+def test_keys_qualified_with_a_method_apply_to_that_method_only(tmp_path):
+    """elastic's and sdn's model.backbone take different values: `elastic:model.backbone` sets elastic's alone."""
+    from study.runner import SweepSpec, validate
+
+    fixed = {"data.dataset": "synthetic", "sdn:model.backbone": "resnet", "sdn:model.depth": 20,
+             "elastic:model.width": 0.25}
+    spec = SweepSpec(study="s", methods=("sdn", "elastic"), trials=1, fixed=fixed, results_dir=tmp_path,
+                     tracking_uri=f"sqlite:///{tmp_path}/m.db", storage=f"sqlite:///{tmp_path}/o.db",
+                     choices={"elastic:model.backbone": ("mobilenet_v2", "densenet121")})
+    probes = validate(spec).probes
+    assert {c.method for c in probes} == {"sdn", "elastic"}
+    for c in probes:
+        if c.method == "elastic":
+            assert c.model.backbone in ("mobilenet_v2", "densenet121") and c.model.width == 0.25
+        else:
+            assert c.model.backbone == "resnet" and c.model.depth == 20
+    with pytest.raises(ConfigError, match="'msdnet:model.blocks' is for method 'msdnet', which is not among"):
+        validate(dataclasses.replace(spec, fixed={**fixed, "msdnet:model.blocks": 3}))

@@ -280,7 +280,8 @@ def _final(cost, history, masks, layers, layer_macs, weights):
         "operating": r["level"] == last["level"],
         "overrides": "{}" if r["level"] == last["level"]
         else json.dumps({"model.levels": r["level"], "model.target_density": 0.0}, sort_keys=True),
-        "exit_fractions": "[1.0]", "val_acc": r["val_acc"], "macs": r["sparse_macs"], "test_acc": r["test_acc"], "test_macs": r["sparse_macs"],
+        "exit_fractions": "[1.0]", "val_acc": r["val_acc"], "macs": r["sparse_macs"], "test_acc": r["test_acc"],
+        "test_macs": r["sparse_macs"],
         "level": r["level"], "density": r["density"]} for r in history])
     per_layer = pd.DataFrame([{"layer": n, "weights": int(masks[n].numel()), "kept": int(masks[n].sum()),
                                "density": float(masks[n].float().mean()), "dense_macs": layer_macs[n]}
