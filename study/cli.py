@@ -557,10 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--subset", type=int, help="class-balanced subset of the training part")
     s.add_argument("--image-size", type=int, help="side images are resized to (image-folder datasets; default 32)")
     s.add_argument("--config", help="YAML file of fixed config keys (flat dotted keys or nested)")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="fix a config key (repeatable)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="fix a config key (repeatable); METHOD:KEY=VALUE fixes it for that method only")
     s.add_argument("--choice", action="append", metavar="KEY=V1,V2",
                    help="search a key over these values (repeatable), e.g. model.backbone=resnet18,mobilenet_v2 "
-                        "or policy.name=budgeted,entropy")
+                        "or policy.name=budgeted,entropy; METHOD:KEY=... for that method only")
     s.add_argument("--data-dir", help="dataset folder (default: DYNASTUDY_DATA)")
     s.add_argument("--seed", type=int, help="sampler seed, and the trials' seed unless --set seed=...")
     s.add_argument("--sampler", choices=list(SAMPLERS), default="tpe")
