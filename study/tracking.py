@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from study.paths import sqlite_file
