@@ -485,10 +485,7 @@ def cmd_lottery_compare(args: argparse.Namespace) -> int:
     _, uri = _uri(args)
     check_readable(uri)
     tracker = Tracker(uri)
-    try:
-        run = tracker.client.get_run(args.run_id)
-    except MlflowException:
-        raise ConfigError(f"no run {args.run_id!r} in the tracking store {uri}") from None
+    run = tracker.get_run(args.run_id)
     with tempfile.TemporaryDirectory() as d:
         try:
             table = pd.read_parquet(tracker.client.download_artifacts(args.run_id, LOTTERY_TABLE, d))

@@ -230,15 +230,21 @@ class Tracker:
                     path.write_text(str(obj))
                 self.client.log_artifact(run_id, str(path))
 
+    def get_run(self, run_id: str):
+        """The run, or a one-line error naming the id and the store."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException:
+            raise ConfigError(f"no run {run_id!r} in the tracking store {self.uri}") from None
+
     def load_trial(self, run_id: str):
         """A finished trial's run, resolved config (flat keys) and trained weights, from the tracking store."""
         import torch
         from mlflow.exceptions import MlflowException
 
-        try:
-            run = self.client.get_run(run_id)
-        except MlflowException:
-            raise ConfigError(f"no run {run_id!r} in the tracking store {self.uri}") from None
+        run = self.get_run(run_id)
         with tempfile.TemporaryDirectory() as d:
             try:
                 config = yaml.safe_load(Path(self.client.download_artifacts(run_id, CONFIG, d)).read_text())
@@ -248,6 +254,7 @@ class Tracker:
                 raise ConfigError(f"run {run_id} has no trained model ({CONFIG} and {WEIGHTS} artifacts); only "
                                   f"trials that finished training have one (its status: {run.info.status})") from None
         return run, config, weights
+
     def fail(self, run_id: str, reason: str) -> None:
         self.client.set_tag(run_id, TAG_FAIL, reason[:5000])
         self.client.set_terminated(run_id, "FAILED")

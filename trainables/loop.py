@@ -197,12 +197,6 @@ def final_exit_error(model: torch.nn.Module, batches: Batches, labels: np.ndarra
     return float((probs[-1].argmax(-1) != labels).mean())
 
 
-def operating_point(cfg: TrialConfig, cache: policies.ExitCache, cum_macs,
-                    calib: policies.ExitCache | None = None) -> policies.Outcome:
-    """The trial's own policy on `cache`; thresholds it derives come from `calib` (validation), never the test."""
-    return policies.operating_point(cfg.policy, cache, cum_macs, calib)
-
-
 def _frontier(cfg: TrialConfig, method, model, cost, val: Batches, test: Batches, splits: Splits,
               device: torch.device, own: pd.DataFrame) -> pd.DataFrame:
     """The trial's frontier under its own settings, plus one under each evaluation-only variant of the method
@@ -315,7 +309,7 @@ def fit(cfg: TrialConfig, splits: Splits, ctx: RunContext = RunContext(),
         train_loss, seen, train_time = train_epoch(cfg, method, model, train, opt, sched, device, epoch)
 
         val_cache, val_outs = exit_cache(model, val, splits.val_y, cost, device)
-        point = operating_point(cfg, val_cache, cost.exits)
+        point = policies.operating_point(cfg.policy, val_cache, cost.exits)
         exit_acc = val_cache.correct.mean(axis=1) if len(splits.val_y) else np.full(val_cache.num_exits, np.nan)
         metrics = {"train_loss": train_loss, "val_acc": point.acc, "macs": point.macs,
                    "train_macs": cost.train_total, "epoch_time_s": time.perf_counter() - t0,
@@ -330,7 +324,8 @@ def fit(cfg: TrialConfig, splits: Splits, ctx: RunContext = RunContext(),
         if epoch + 1 == o.epochs:
             test = eval_batches(splits, "test", device, ctx.channels_last)
             test_cache, test_outs = exit_cache(model, test, splits.test_y, cost, device)
-            test_point = operating_point(cfg, test_cache, cost.exits, calib=val_cache)
+            # thresholds the policy derives (budgeted) come from validation, never from the test split
+            test_point = policies.operating_point(cfg.policy, test_cache, cost.exits, calib=val_cache)
             tables = {"gate_rates": gate_table} if gate_table is not None else {}
             final_metrics, notes = dict(gate_metrics), list(getattr(model, "notes", ()))
             if val_heads:

@@ -180,14 +180,12 @@ def thresholds_of(policy: PolicyHparams, calib: ExitCache) -> np.ndarray | float
     return np.asarray(policy.thresholds) if policy.thresholds else policy.threshold
 
 
-def decide(policy: PolicyHparams, cache: ExitCache, calib: ExitCache | None = None) -> Decision:
-    """Where every sample of `cache` exits under `policy`; a `budgeted` policy derives its thresholds on `calib`
-    (the validation split; `cache` itself when it is the validation split)."""
+def apply(policy: PolicyHparams, cache: ExitCache, tau: np.ndarray | float) -> Decision:
+    """Where every sample of `cache` exits under `policy` with its thresholds `tau` already fixed (ignored by
+    static)."""
     if policy.name == "static":
         exits = static_exits(cache, policy.exit)
-        return Decision(exits, exits)
-    tau = thresholds_of(policy, calib if calib is not None else cache)
-    if policy.name in ("confidence", "budgeted"):
+    elif policy.name in ("confidence", "budgeted"):
         exits = confidence_exits(cache, tau)
     elif policy.name == "entropy":
         exits = entropy_exits(cache, tau)
@@ -196,6 +194,13 @@ def decide(policy: PolicyHparams, cache: ExitCache, calib: ExitCache | None = No
     else:
         raise ValueError(f"unknown policy {policy.name!r}")
     return Decision(exits, exits)
+
+
+def decide(policy: PolicyHparams, cache: ExitCache, calib: ExitCache | None = None) -> Decision:
+    """Where every sample of `cache` exits under `policy`; a `budgeted` policy derives its thresholds on `calib`
+    (the validation split; `cache` itself when it is the validation split)."""
+    tau = () if policy.name == "static" else thresholds_of(policy, calib if calib is not None else cache)
+    return apply(policy, cache, tau)
 
 
 def exits_for(policy: PolicyHparams, cache: ExitCache, calib: ExitCache | None = None) -> np.ndarray:
@@ -272,10 +277,10 @@ def frontier(val: ExitCache, test: ExitCache | None, cum_macs: Sequence[int],
         choices.append(("operating", operating))
     rows = []
     for label, policy in choices:
-        v = operating_point(policy, val, cum_macs, calib=val)
-        t = operating_point(policy, test, cum_macs, calib=val) if test is not None \
+        tau = () if policy.name == "static" else thresholds_of(policy, val)  # derived once, used on both splits
+        v = evaluate(val, apply(policy, val, tau), cum_macs)
+        t = evaluate(test, apply(policy, test, tau), cum_macs) if test is not None \
             else Outcome(float("nan"), float("nan"), ())
-        tau = thresholds_of(policy, val) if policy.name != "static" else ()
         per_exit = tau if np.ndim(tau) == 1 else ()
         shared = policy.name in ("confidence", "sdn") and not policy.thresholds
         rows.append({"policy": policy.name,
