@@ -150,7 +150,6 @@ def module_macs(model: nn.Module, modules: list[nn.Module], image_size: int,
     return [flops[i] // 2 for i in range(len(modules))]
 
 
-@torch.no_grad()
 def measure(model: nn.Module, image_size: int, device: str | torch.device = "cpu") -> CostModel:
     """Measure the segments of `model` with one forward pass of a single image in eval mode.
 

@@ -126,7 +126,7 @@ class Hparams(_Hparams):
                 raise ConfigError(f"growth_rate={self.growth_rate} with gr_factor={_show(self.gr_factor)} gives "
                                   f"{new} new channels at scale {s}, which must be even (half come from the finer "
                                   "scale, half from the scale itself)")
-        for layers in _plan(self.growth_rate, self.channels, self.reduction, _steps(_resolved_layout(self))):
+        for layers in plan(self):
             for lp in layers:
                 if lp.transition == 0:
                     raise ConfigError(f"reduction={self.reduction} leaves floor({self.reduction} * {lp.cout}) = 0 "
@@ -138,14 +138,11 @@ def _resolved_layout(hp: Hparams) -> dict[str, Any]:
     return {k: (source[k] if getattr(hp, k) == unset else getattr(hp, k)) for k, unset in _UNSET.items()}
 
 
-def _steps(layout: dict[str, Any]) -> list[int]:
-    grow = layout["step_mode"] == "lin_grow"
-    return [layout["base"]] + [layout["step"] * k + 1 if grow else layout["step"] for k in range(1, layout["blocks"])]
-
-
 def block_steps(hp: Hparams) -> list[int]:
     """Layers per block (the official `steps`)."""
-    return _steps(_resolved_layout(hp))
+    layout = _resolved_layout(hp)
+    grow = layout["step_mode"] == "lin_grow"
+    return [layout["base"]] + [layout["step"] * k + 1 if grow else layout["step"] for k in range(1, layout["blocks"])]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,10 +157,12 @@ class LayerPlan:
     transition: int | None
 
 
-def _plan(growth: int, channels: int, reduction: float, steps: list[int]) -> list[list[LayerPlan]]:
+def plan(hp: Hparams) -> list[list[LayerPlan]]:
+    """The layers of every block."""
+    growth, reduction, steps = hp.growth_rate, hp.reduction, block_steps(hp)
     total = sum(steps)
     interval = math.ceil(total / SCALES)
-    c, n, blocks = channels, 0, []
+    c, n, blocks = hp.channels, 0, []
     for step in steps:
         layers = []
         for _ in range(step):
@@ -176,11 +175,6 @@ def _plan(growth: int, channels: int, reduction: float, steps: list[int]) -> lis
             c = cout if transition is None else transition
         blocks.append(layers)
     return blocks
-
-
-def plan(hp: Hparams) -> list[list[LayerPlan]]:
-    """The layers of every block."""
-    return _plan(hp.growth_rate, hp.channels, hp.reduction, block_steps(hp))
 
 
 def num_exits(hp: Hparams) -> int:
@@ -298,9 +292,8 @@ class Classifier(nn.Module):
 class MSDNet(nn.Module):
     def __init__(self, hp: Hparams, num_classes: int) -> None:
         super().__init__()
-        self.plan = plan(hp)
         blocks, heads = [], []
-        for k, layers in enumerate(self.plan):
+        for k, layers in enumerate(plan(hp)):
             modules: list[nn.Module] = [FirstLayer(hp.channels, hp.gr_factor)] if k == 0 else []
             for lp in layers:
                 modules.append(MSDLayer(lp, hp))

@@ -45,7 +45,7 @@ from trainables.cost import Segment
 from trainables.hparams import ConfigError, Hparams as _Hparams, hp
 from trainables.methods import vgg
 from trainables.models.cifar_resnet import DEPTHS, CifarResNet, block_segments
-from trainables.outputs import MultiExitOutput
+from trainables.outputs import MultiExitOutput, weighted_ce
 
 NAME = "sdn"
 PAPER = ("Kaya, Hong, Dumitras. Shallow-Deep Networks: Understanding and Mitigating Network Overthinking. "
@@ -118,12 +118,11 @@ def _stem_and_units(net: nn.Module) -> tuple[nn.Module | None, nn.ModuleList]:
 class Profile:
     """Where ICs can go in a backbone: the units an IC may follow (`points`, indices into the unit list: every
     residual block; every VGG unit not followed by a pooling), the backbone's cumulative MACs after each as a
-    fraction of its feature-extractor MACs (`total`), and the (channels, side) of the map there at 32 px."""
+    fraction of its feature-extractor MACs, and the (channels, side) of the map there at 32 px."""
 
     points: tuple[int, ...]
     fractions: tuple[float, ...]
     shapes: tuple[tuple[int, int], ...]
-    total: int
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,7 +149,7 @@ def backbone_profile(backbone: str, depth: int) -> Profile:
     cumulative = base + np.cumsum(unit_macs)
     total = int(cumulative[-1])
     return Profile(points=tuple(points), fractions=tuple(float(cumulative[i]) / total for i in points),
-                   shapes=tuple(shapes[i] for i in points), total=total)
+                   shapes=tuple(shapes[i] for i in points))
 
 
 def ic_points(hp: Hparams) -> list[int]:
@@ -266,7 +265,4 @@ def build(hp: Hparams, num_classes: int) -> SDN:
 def loss(out: MultiExitOutput, y: torch.Tensor, hp: Hparams, label_smoothing: float = 0.0) -> torch.Tensor:
     weights = out.aux.get("ic_weights")
     taus = weights.tolist() if weights is not None else max_weights(hp)
-    total = F.cross_entropy(out.final, y, label_smoothing=label_smoothing)
-    for tau, z in zip(taus, out.logits[:-1]):
-        total = total + tau * F.cross_entropy(z, y, label_smoothing=label_smoothing)
-    return total
+    return weighted_ce(out.logits, y, list(taus) + [1.0], label_smoothing)  # the final exit's weight is 1

@@ -157,12 +157,7 @@ _BUILDERS = {"resnet18": _resnet18, "mobilenet_v2": _mobilenet_v2, "densenet121"
 
 def build(name: str, num_classes: int, width: float = 1.0, pretrained: str = "") -> Cut:
     """torchvision's `name` for `num_classes` classes at 32x32, its ImageNet weights loaded from the file
-    `pretrained` when given (the classifier excepted)."""
-    if name not in _BUILDERS:
-        raise ConfigError(f"backbone={name!r} is not one of: {', '.join(BACKBONES)}")
-    if width != 1.0 and name not in SCALABLE:
-        raise ConfigError(f"width={width} is not supported by backbone={name}; backbones with a width: "
-                          f"{', '.join(SCALABLE)}")
+    `pretrained` when given (the classifier excepted). The name and width are checked by elastic's Hparams."""
     cut = _BUILDERS[name](num_classes, width, pretrained)
     assert len(cut.blocks) == NUM_BLOCKS[name] == len(cut.widths)
     return cut
