@@ -532,6 +532,43 @@ def cmd_studies(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from study import paths
+    from study.tracking import check_readable
+
+    root, uri = _uri(args)
+    check_readable(uri)
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port} is not a port; valid: 1-65535")
+    if args.refresh <= 0:
+        raise ConfigError(f"--refresh {args.refresh} must be > 0 seconds")
+    from dashboards.app import serve
+
+    serve(uri, paths.cache_dir(root) / "frontiers", host=args.host, port=args.port, refresh_s=args.refresh)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from study import paths
+    from study.tracking import Tracker, check_readable
+
+    root, uri = _uri(args)
+    check_readable(uri)
+    from dashboards.data import StudyCache
+    from dashboards.report import write_report
+
+    if args.max_macs is not None and args.max_macs <= 0:
+        raise ConfigError(f"--max-macs {args.max_macs} must be > 0")
+    cache = StudyCache(Tracker(uri), paths.cache_dir(root) / "frontiers")
+    known = cache.studies()
+    for study in args.study:
+        if study not in known:
+            raise ConfigError(f"no study named {study!r} at {uri}; studies there: " + (", ".join(known) or "none"))
+    for path in write_report(cache, list(dict.fromkeys(args.study)), Path(args.out), args.max_macs):
+        print(path)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -641,6 +678,20 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("--format", choices=["json", "table"], default="table")
     _common_tracking(lc)
     lc.set_defaults(func=cmd_lottery_compare)
+
+    db = sub.add_parser("dashboard", help="serve the live Pareto explorer (Dash) over the tracking store")
+    db.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    db.add_argument("--port", type=int, default=8050)
+    db.add_argument("--refresh", type=float, default=5.0, help="seconds between looks for new trials")
+    _common_tracking(db)
+    db.set_defaults(func=cmd_dashboard)
+
+    rp = sub.add_parser("report", help="the Pareto and compare plots as a self-contained HTML file and PNGs")
+    rp.add_argument("--study", action="append", required=True, help="study to report (repeat to compare several)")
+    rp.add_argument("--out", required=True, help="folder to write report.html and the PNGs into")
+    rp.add_argument("--max-macs", type=float, help="MACs budget: its line and the best point per method under it")
+    _common_tracking(rp)
+    rp.set_defaults(func=cmd_report)
 
     st = sub.add_parser("studies", help="list the studies in the tracking store")
     _common_tracking(st)

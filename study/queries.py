@@ -22,7 +22,7 @@ from trainables.hparams import ConfigError
 PAGE = 1000
 
 
-def _param_value(text: str) -> Any:
+def param_value(text: str) -> Any:
     """MLflow stores params as strings; recover numbers, booleans and lists."""
     try:
         return json.loads(text)
@@ -56,7 +56,7 @@ def trial_runs(tracker: Tracker, study: str, method: str | None = None) -> list:
             return runs
 
 
-def _frontier_of(tracker: Tracker, run_id: str, cache_dir: Path | None) -> pd.DataFrame | None:
+def frontier_of(tracker: Tracker, run_id: str, cache_dir: Path | None) -> pd.DataFrame | None:
     cached = cache_dir / f"{run_id}.parquet" if cache_dir else None
     if cached is not None and cached.exists():
         return pd.read_parquet(cached)
@@ -80,22 +80,28 @@ def frontier_points(tracker: Tracker, study: str, method: str | None = None,
     for run in trial_runs(tracker, study, method):
         if run.info.status != "FINISHED":
             continue
-        df = _frontier_of(tracker, run.info.run_id, cache_dir)
+        df = frontier_of(tracker, run.info.run_id, cache_dir)
         if df is None or df.empty:
             continue
-        df = df.copy()
-        if "param" not in df:  # frontiers written before the policy families: param = shared threshold
-            df["param"] = df["threshold"]
-        df.insert(0, "run_id", run.info.run_id)
-        df.insert(1, "method", run.data.tags.get(TAG_METHOD, "?"))
-        df.insert(2, "trial", run.data.tags.get(TAG_TRIAL, ""))
-        params = {k: _param_value(v) for k, v in run.data.params.items()}
-        df["params"] = [params] * len(df)
-        frames.append(df)
+        frames.append(label_points(df, run.info.run_id, run.data.tags.get(TAG_METHOD, "?"),
+                                   run.data.tags.get(TAG_TRIAL, ""),
+                                   {k: param_value(v) for k, v in run.data.params.items()}))
     if not frames:
         raise ConfigError(f"study {study!r} has no finished trial with a frontier yet"
                           + (f" for method {method}" if method else ""))
     return pd.concat(frames, ignore_index=True)
+
+
+def label_points(frontier: pd.DataFrame, run_id: str, method: str, trial: str, params: dict[str, Any]) -> pd.DataFrame:
+    """A trial's frontier rows with its run id, method, trial and params (the columns every query reads)."""
+    df = frontier.copy()
+    if "param" not in df:  # frontiers written before the policy families: param = shared threshold
+        df["param"] = df["threshold"]
+    df.insert(0, "run_id", run_id)
+    df.insert(1, "method", method)
+    df.insert(2, "trial", trial)
+    df["params"] = [params] * len(df)
+    return df
 
 
 @dataclasses.dataclass

@@ -37,3 +37,12 @@ def cifar_dir() -> Path:
 def cache_root(tmp_path_factory) -> Path:
     """One dataset cache for the whole session, so CIFAR-10 is decoded once."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def dyn_study(tmp_path_factory, cifar_dir) -> dict:
+    """Issue 4's multi-method study on real CIFAR-10 (see `stack.build_dyn_study`), built once: its own test
+    checks it, and the dashboard's browser test reads a copy of it."""
+    from stack import build_dyn_study
+
+    return build_dyn_study(tmp_path_factory.mktemp("dyn") / "res", cifar_dir)

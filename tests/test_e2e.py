@@ -26,26 +26,9 @@ import yaml
 from study.search import config_keys
 from trainables.config import TrialConfig
 
+from stack import clean_env, dynastudy, search_runs
+
 pytestmark = pytest.mark.e2e
-
-
-def dynastudy(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    # mlflow.set_tracking_uri() in this process also sets MLFLOW_TRACKING_URI: the command must not inherit it.
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PYTHONUNBUFFERED"] = "1"
-    r = subprocess.run([sys.executable, "-m", "study.cli", *args], capture_output=True, text=True, env=env,
-                       timeout=timeout)
-    assert r.returncode == 0, f"dynastudy {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
-    return r
-
-
-def search_runs(uri: str, experiment: str, filter_string: str = "") -> list:
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        return mlflow.search_runs(experiment_names=[experiment], filter_string=filter_string, output_format="list")
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def test_real_sweep_on_cifar10(tmp_path, cifar_dir):
@@ -213,7 +196,7 @@ def test_ctrl_c_leaves_nothing_running(tmp_path):
     import time
 
     res = tmp_path / "res"
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = clean_env()
     proc = subprocess.Popen([sys.executable, "-m", "study.cli", "sweep", "--method", "elastic", "--study", "int",
                              "--dataset", "synthetic", "--trials", "6", "--epochs", "20", "--set",
                              "data.val_size=200", "--set", "model.depth=20", "--results-dir", str(res)],
@@ -241,19 +224,11 @@ def test_ctrl_c_leaves_nothing_running(tmp_path):
     assert trials and all(t.state.name != "RUNNING" for t in trials)
 
 
-def test_aig_next_to_resnet_and_elastic_then_the_lesion_study(tmp_path, cifar_dir):
+def test_aig_next_to_resnet_and_elastic_then_the_lesion_study(dyn_study):
     """Issue 4's 'done means': aig swept into one study with resnet and elastic, all three on one front, the best
-    aig point under a MACs budget, and the lesion study on trained residual trials, logged to their runs."""
-    res = tmp_path / "res"
-    uri = f"sqlite:///{res}/mlflow.db"
-    common = ["--study", "dyn", "--dataset", "cifar10", "--data-dir", str(cifar_dir), "--subset", "500",
-              "--epochs", "1", "--set", "model.depth=20", "--set", "data.val_size=1000",
-              "--set", "data.test_subset=1000", "--results-dir", str(res)]
-    dynastudy("sweep", "--method", "aig", "--trials", "2", "--concurrency", "2", *common)
-    # The baselines trained once each in this process (`run`: no Ray start-up), into the same study.
-    for method in ("resnet", "elastic"):
-        dynastudy("run", "--method", method, *common)
-
+    aig point under a MACs budget, and the lesion study on trained residual trials, logged to their runs (the
+    study is built by the `dyn_study` fixture)."""
+    res, uri = dyn_study["res"], dyn_study["uri"]
     trials = search_runs(uri, "dyn", "tags.`dynastudy.kind` != 'sweep'")
     by_method = {r.data.tags["dynastudy.method"]: r for r in trials}
     assert len(trials) == 4 and set(by_method) == {"aig", "resnet", "elastic"}
@@ -279,10 +254,8 @@ def test_aig_next_to_resnet_and_elastic_then_the_lesion_study(tmp_path, cifar_di
 
     # The lesion study reproduces each trial's logged test accuracy and logs its rows, summary and plot.
     for method in ("resnet", "aig"):
-        run = by_method[method]
-        out = json.loads(dynastudy("lesion", "--run-id", run.info.run_id, "--blocks", "0,4", "--random-k", "2",
-                                   "--repeats", "2", "--reorder-swaps", "1", "--format", "json", "--data-dir",
-                                   str(cifar_dir), "--results-dir", str(res)).stdout)
+        run = next(r for r in trials if r.info.run_id == dyn_study["lesioned"][method])
+        out = dyn_study["lesions"][method]
         assert out["reproduced"] is True
         assert out["baseline_error"] == pytest.approx(1 - run.data.metrics["test_acc_exit_0"], abs=1e-9)
         assert [r["unit"] for r in out["single"]] == [0, 4] and [r["k"] for r in out["random"]] == [1, 2]
@@ -291,7 +264,7 @@ def test_aig_next_to_resnet_and_elastic_then_the_lesion_study(tmp_path, cifar_di
         assert {"lesion.parquet", "lesion.png", "lesion.json"} <= names
 
     # Bad lesion input: one line, exit 2, nothing logged.
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = clean_env()
     for args, message in ((["--run-id", "0123abc"], "no run '0123abc'"),
                           (["--run-id", by_method["resnet"].info.run_id, "--blocks", "3,99"],
                            "cannot be deleted; deletable units: 0,1,2,3,4,5,6,7,8")):
@@ -321,7 +294,7 @@ def test_dhm_sweep_and_the_resnet_dsl_dhm_comparison(tmp_path, cifar_dir):
     assert {"heads.parquet", "model.pt", "frontier.parquet"} <= names
 
     out_json = tmp_path / "compare.json"
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = clean_env()
     bench = [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "dhm_compare.py"),
              "--study", "deep", "--seeds", "0", "--depth", "20", "--epochs", "1", "--subset", "300", "--val-size",
              "500", "--test-subset", "500", "--json", str(out_json), *data]
@@ -389,7 +362,7 @@ def test_lottery_sweep_levels_frontier_and_compare(tmp_path, cifar_dir):
     assert [r["level"] for r in levels] == [0, 1, 2] and cmp["note"] == ""
     for r in levels[1:]:
         assert all(0 <= r[k] <= 1 for k in ("val_acc", "reinit_val_acc", "random_mask_val_acc"))
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = clean_env()
     resnet_run = search_runs(uri, "lt", "tags.`dynastudy.method` = 'resnet'")[0].info.run_id
     r = subprocess.run([sys.executable, "-m", "study.cli", "lottery-compare", "--run-id", resnet_run,
                         "--results-dir", str(res)], capture_output=True, text=True, env=env, timeout=120)
