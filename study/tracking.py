@@ -195,14 +195,7 @@ class Tracker:
 
     def log_final(self, run_id: str, final, step: int) -> None:
         """The trial's result: operating point, per-exit accuracy and cost, the frontier and the cost card."""
-        metrics = {"val_acc": final.val_acc, "test_acc": final.test_acc, "macs": final.macs,
-                   "test_macs": final.test_macs, "macs_full": final.cost.total, **final.metrics}
-        for k, m in enumerate(final.cost.exits):
-            metrics[f"macs_exit_{k}"] = m
-            metrics[f"val_acc_exit_{k}"] = final.exit_val_acc[k]
-            metrics[f"test_acc_exit_{k}"] = final.exit_test_acc[k]
-            metrics[f"exit_fraction_{k}"] = final.val_exit_fractions[k]
-        self.log_metrics(run_id, metrics, step)
+        self.log_metrics(run_id, final_metrics(final), step)
         if final.notes:
             self.client.set_tag(run_id, TAG_NOTES, "\n".join(final.notes)[:5000])
         with tempfile.TemporaryDirectory() as d:
@@ -264,6 +257,19 @@ class Tracker:
 
     def status(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.status
+
+
+def final_metrics(final) -> dict[str, float]:
+    """The metrics a trial logs at its end (a `trainables.loop.FinalResult`): operating point, per-exit accuracy
+    and cumulative MACs, exit fractions, and the method's own (gate rates, heads)."""
+    metrics = {"val_acc": final.val_acc, "test_acc": final.test_acc, "macs": final.macs,
+               "test_macs": final.test_macs, "macs_full": final.cost.total, **final.metrics}
+    for k, m in enumerate(final.cost.exits):
+        metrics[f"macs_exit_{k}"] = m
+        metrics[f"val_acc_exit_{k}"] = final.exit_val_acc[k]
+        metrics[f"test_acc_exit_{k}"] = final.exit_test_acc[k]
+        metrics[f"exit_fraction_{k}"] = final.val_exit_fractions[k]
+    return metrics
 
 
 def node_name() -> str:
