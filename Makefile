@@ -9,7 +9,7 @@ DATA ?= $(or $(DYNASTUDY_DATA),$(abspath ../shared/data))
 RESULTS ?= $(abspath dynastudy-results)
 STUDY ?= demo
 
-.PHONY: setup demo test clean
+.PHONY: setup browser demo test clean
 
 setup: $(STAMP)
 
@@ -28,7 +28,11 @@ demo: $(STAMP)
 	@echo "Open the MLflow UI on these results:"
 	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(RESULTS)/mlflow.db --host 127.0.0.1 --port 5000"
 
-test: $(STAMP)
+# Debian's chromium + chromedriver for the dashboard's browser test (apt-get, as root or with sudo).
+browser:
+	@sh scripts/install-browser.sh
+
+test: $(STAMP) browser
 	DYNASTUDY_DATA=$(DATA) $(BIN)/python -m pytest -q
 
 clean:

@@ -85,7 +85,8 @@ def layout(cache: StudyCache, refresh_s: float) -> html.Div:
                                  style={"width": "300px"}),
                     dcc.RadioItems(id="compare-split", options=SPLIT_OPTIONS, value="val", inline=True),
                     html.Label(["budget (MACs) ", dcc.Input(id="compare-budget", type="number", debounce=True,
-                                                            placeholder="e.g. 2e7", style={"width": "120px"})]),
+                                                            placeholder="the Pareto tab's", min=1,
+                                                            style={"width": "170px"})]),
                 ]),
                 dcc.Loading(html.Div(id="compare-view")),
             ]),
@@ -103,6 +104,7 @@ def create_app(cache: StudyCache, refresh_s: float = 5.0) -> dash.Dash:
                     update_title=None)
     app.layout = lambda: layout(cache, refresh_s)  # a page load sees the studies of that moment
     tracker = cache.tracker
+    search_cache: dict[tuple, list] = {}  # (study, version, method) -> the search view's figures
 
     @app.callback(Output("version", "data"), Output("study", "options"), Output("status", "children"),
                   Input("tick", "n_intervals"), Input("study", "value"), State("version", "data"))
@@ -202,8 +204,9 @@ def create_app(cache: StudyCache, refresh_s: float = 5.0) -> dash.Dash:
 
     @app.callback(Output("compare-methods", "options"), Output("compare-view", "children"),
                   Input("compare-studies", "value"), Input("compare-methods", "value"),
-                  Input("compare-split", "value"), Input("compare-budget", "value"), Input("version", "data"))
-    def compare(studies, methods, split, budget, _):
+                  Input("compare-split", "value"), Input("compare-budget", "value"), Input("version", "data"),
+                  Input("budget", "value"))
+    def compare(studies, methods, split, budget, _, pareto_budget):
         if not studies:
             return [], html.P("Pick one or more studies.")
         points = pd.concat([cache.points(s) for s in studies], ignore_index=True)
@@ -212,7 +215,8 @@ def create_app(cache: StudyCache, refresh_s: float = 5.0) -> dash.Dash:
             points = points[points["method"].isin(methods)].reset_index(drop=True)
         if points.empty:
             return options, html.P("No finished trial with a frontier in this selection yet.")
-        budget = float(budget) if budget else None
+        if not budget or budget <= 0:  # no budget typed here: the Pareto tab's
+            budget = float(round(10 ** pareto_budget)) if pareto_budget is not None else None
         fig = figures.pareto_figure(points, split, budget=budget, title="compare: " + ", ".join(studies))
         table, ref = figures.compare_table(points, budget)
         return options, [dcc.Graph(id="compare-graph", figure=fig, style={"height": "520px"}),
@@ -225,7 +229,11 @@ def create_app(cache: StudyCache, refresh_s: float = 5.0) -> dash.Dash:
             return [], ""
         runs = cache.runs(version["study"])
         options = sorted(runs["method"].unique())
-        figs = search.search_figures(runs, method or None)
+        key = (version["study"], version["v"], method or None)
+        if key not in search_cache:  # importance fits take seconds: once per study version
+            search_cache.clear()
+            search_cache[key] = search.search_figures(runs, method or None)
+        figs = search_cache[key]
         return options, [html.Div(style=_CARD, children=[html.H4(title, style={"margin": "4px 0"}),
                                                          dcc.Graph(figure=fig)]) for title, fig in figs]
 

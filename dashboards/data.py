@@ -22,7 +22,7 @@ import pandas as pd
 
 from study import queries
 from study.tracking import (COST, TAG_FAIL, TAG_KIND, TAG_METHOD, TAG_NODE, TAG_NOTES, TAG_PARENT,
-                            TAG_TRIAL, Tracker)
+                            TAG_STOPPED, TAG_TRIAL, Tracker)
 
 # Per-epoch curves a trial view draws (plus val_acc_exit_<k> and val_acc_head_<i> where the run has them).
 CURVES = ("train_loss", "val_acc", "lr", "epoch_time_s", "images_per_s")
@@ -30,7 +30,7 @@ CURVES = ("train_loss", "val_acc", "lr", "epoch_time_s", "images_per_s")
 TABLES = ("frontier", "gate_rates", "heads", "lottery", "lottery_layers", "lesion")
 CLOCK_SKEW_MS = 300_000
 RUN_COLUMNS = ["run_id", "method", "trial", "kind", "status", "start_time", "end_time", "val_acc", "test_acc",
-               "macs", "macs_full", "node", "notes", "fail_reason", "parent", "params"]
+               "macs", "macs_full", "node", "notes", "fail_reason", "stopped_early", "parent", "params"]
 
 
 @dataclasses.dataclass
@@ -61,6 +61,7 @@ def _summary(run) -> dict[str, Any]:
             "test_acc": metrics.get("test_acc", float("nan")), "macs": metrics.get("macs", float("nan")),
             "macs_full": metrics.get("macs_full", float("nan")), "node": tags.get(TAG_NODE, ""),
             "notes": tags.get(TAG_NOTES, ""), "fail_reason": tags.get(TAG_FAIL, ""),
+            "stopped_early": TAG_STOPPED in tags,  # ASHA stopped it (Optuna: PRUNED)
             "parent": tags.get(TAG_PARENT, ""),
             "params": {k: queries.param_value(v) for k, v in run.data.params.items()}}
 

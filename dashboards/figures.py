@@ -16,6 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
+from dashboards import search
 from study import queries
 from study.pareto import non_dominated
 from trainables.hparams import ConfigError
@@ -28,6 +29,7 @@ SPLITS = {
 }
 TEMPLATE = "plotly_white"
 _PALETTE = qualitative.D3 + qualitative.Dark2
+HOVER_KEYS = 8  # searched hyperparameters a hover shows at most
 _POLICY_PARAM = {"budgeted": "q", "entropy": "H<", "confidence": "T", "sdn": "T"}
 
 
@@ -39,16 +41,6 @@ def color(group: str) -> str:
     if "/" in group:
         i += sum(map(ord, group.rsplit("/", 1)[0])) * 7
     return _PALETTE[i % len(_PALETTE)]
-
-
-def varying_keys(params: pd.Series, limit: int = 8) -> list[str]:
-    """Config keys whose value differs between the trials (the searched ones), so hovers show what matters."""
-    values: dict[str, set] = {}
-    for p in params:
-        for k, v in p.items():
-            values.setdefault(k, set()).add(json.dumps(v, sort_keys=True, default=str))
-    keys = [k for k, seen in values.items() if len(seen) > 1 and k not in ("seed", "study")]
-    return sorted(keys)[:limit]
 
 
 def _fmt(v: Any) -> str:
@@ -76,7 +68,8 @@ def _operating(row) -> str:
 def hover_texts(points: pd.DataFrame, rows: pd.DataFrame | None = None) -> list[str]:
     """Trial, method, operating point (policy, thresholds) and the key hyperparameters (those varying among
     `points`) of each of `rows` (default: every point)."""
-    keys = {m: varying_keys(g["params"]) for m, g in points.groupby("method")}
+    runs = points.drop_duplicates("run_id")
+    keys = {m: search.searched_params(runs, m)[:HOVER_KEYS] for m in runs["method"].unique()}
     texts = []
     for row in (points if rows is None else rows).itertuples():
         params = "<br>".join(f"{k} = {_fmt(row.params.get(k))}" for k in keys.get(row.method, []))

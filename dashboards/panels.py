@@ -409,7 +409,10 @@ def panels(t: TrialData) -> list[tuple[str, str, go.Figure]]:
               "heads": heads, "lottery": lottery, "lesion": lesion}
     out = []
     for pid in PANEL_IDS:
-        fig = makers[pid](t)
+        try:
+            fig = makers[pid](t)
+        except (KeyError, ValueError, TypeError, IndexError) as e:  # a table of an older layout: say so, go on
+            fig = _figure(f"{pid}: this run's data could not be drawn ({type(e).__name__}: {e})")
         if fig is not None:
             out.append((pid, fig.layout.title.text or pid, fig))
     return out

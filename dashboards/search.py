@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
-from study.queries import _param_value
+from study.queries import param_value
 
 Kind = Literal["numeric", "categorical"]
 
@@ -54,7 +54,7 @@ def _view(runs: pd.DataFrame, method: str | None) -> pd.DataFrame:
 def _canonical(value: Any) -> Any:
     """A param value as Optuna can hold it: MLflow's strings parsed back, lists as their JSON text."""
     if isinstance(value, str):
-        value = _param_value(value)
+        value = param_value(value)
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, (list, dict)):

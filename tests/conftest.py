@@ -46,3 +46,12 @@ def dyn_study(tmp_path_factory, cifar_dir) -> dict:
     from stack import build_dyn_study
 
     return build_dyn_study(tmp_path_factory.mktemp("dyn") / "res", cifar_dir)
+
+
+@pytest.fixture(scope="session")
+def mlflow_tracker(tmp_path_factory):
+    """One real MLflow store (SQLite) for the session's dashboard tests, each in studies of its own: creating a
+    store costs seconds of schema migrations."""
+    from study.tracking import Tracker
+
+    return Tracker(f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db")

@@ -26,6 +26,17 @@ def dynastudy(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return r
 
 
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`dynastudy ARGS` in this process (the `main` the command runs, without a new interpreter's start-up):
+    exit code, stdout, stderr."""
+    from study.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def search_runs(uri: str, experiment: str, filter_string: str = "") -> list:
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)

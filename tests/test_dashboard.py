@@ -3,10 +3,6 @@ trial runs laid out as sweeps write them; the browser test (test_dashboard_brows
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,6 +14,8 @@ from study import queries
 from study.tracking import Tracker
 from trainables.config import TrialConfig
 from trainables.hparams import ConfigError
+
+from stack import cli
 
 
 def _frontier(rng, n: int, scale: float) -> pd.DataFrame:
@@ -34,10 +32,9 @@ def _frontier(rng, n: int, scale: float) -> pd.DataFrame:
 class Store:
     """A study in a real tracking store, with trial runs added one by one."""
 
-    def __init__(self, root, study: str = "dash") -> None:
+    def __init__(self, tracker: Tracker, root, study: str) -> None:
         self.root, self.study = root, study
-        self.uri = f"sqlite:///{root}/mlflow.db"
-        self.tracker = Tracker(self.uri)
+        self.tracker, self.uri = tracker, tracker.uri
         self.exp = self.tracker.ensure_experiment(study, root / "artifacts")
         self.parent = self.tracker.start_sweep(self.exp, study, {"trials": 8})
         self.rng = np.random.default_rng(0)
@@ -59,8 +56,9 @@ class Store:
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path)
+def store(request, tmp_path, mlflow_tracker):
+    """A study of its own (named after the test) with two elastic trials and a resnet one."""
+    s = Store(mlflow_tracker, tmp_path, request.node.name.replace("test_", "d-"))
     for lr in (0.05, 0.1):
         s.trial("elastic", **{"optim.lr": lr})
     s.trial("resnet")
@@ -69,51 +67,51 @@ def store(tmp_path):
 
 def test_cache_reads_a_study_once_then_only_what_changed(store, tmp_path):
     cache = StudyCache(store.tracker, tmp_path / "cache", min_interval=0)
-    points = cache.points("dash")
+    points = cache.points(store.study)
     assert points["run_id"].nunique() == 3 and len(points) == 18 and cache.queries == 1
-    reference = queries.frontier_points(store.tracker, "dash")
+    reference = queries.frontier_points(store.tracker, store.study)
     key = ["run_id", "macs", "val_acc"]
     pd.testing.assert_frame_equal(points[key].sort_values(key).reset_index(drop=True),
                                   reference[key].sort_values(key).reset_index(drop=True))
-    version = cache.version("dash")
-    assert cache.version("dash") == version  # nothing new: same version, the same frame object
-    assert cache.points("dash") is cache.points("dash")
+    version = cache.version(store.study)
+    assert cache.version(store.study) == version  # nothing new: same version, the same frame object
+    assert cache.points(store.study) is cache.points(store.study)
 
     # A new finished trial and a running one: two small queries per refresh, one new frontier download.
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
     before = cache.queries
     new = store.trial("elastic", **{"optim.lr": 0.2})
     running = store.trial("resnet", finish=False)
-    assert cache.version("dash") == version + 1 and cache.queries == before + 2
+    assert cache.version(store.study) == version + 1 and cache.queries == before + 2
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(cached + [f"{new}.parquet"])
-    runs = cache.runs("dash")
+    runs = cache.runs(store.study)
     assert dict(zip(runs["run_id"], runs["status"]))[running] == "RUNNING"
-    assert set(cache.points("dash")["run_id"]) == set(reference["run_id"]) | {new}
+    assert set(cache.points(store.study)["run_id"]) == set(reference["run_id"]) | {new}
 
     # The running trial finishes: it joins the plot at the next refresh.
     store.tracker.log_artifacts(running, {"frontier.parquet": _frontier(store.rng, 4, 4e7)})
     store.tracker.finish(running)
-    assert cache.version("dash") == version + 2 and running in set(cache.points("dash")["run_id"])
+    assert cache.version(store.study) == version + 2 and running in set(cache.points(store.study)["run_id"])
 
 
 def test_min_interval_bounds_how_often_mlflow_is_asked(store):
     cache = StudyCache(store.tracker, None, min_interval=3600)
-    cache.points("dash")
+    cache.points(store.study)
     asked = cache.queries
     store.trial("resnet")
-    cache.points("dash"), cache.runs("dash"), cache.version("dash")
+    cache.points(store.study), cache.runs(store.study), cache.version(store.study)
     assert cache.queries == asked
-    cache.refresh("dash", force=True)
-    assert cache.queries == asked + 2 and cache.points("dash")["run_id"].nunique() == 4
+    cache.refresh(store.study, force=True)
+    assert cache.queries == asked + 2 and cache.points(store.study)["run_id"].nunique() == 4
 
 
 def test_unknown_study_names_the_known_ones(store):
-    with pytest.raises(ConfigError, match="no study named 'nope'.*studies there: dash"):
+    with pytest.raises(ConfigError, match=f"no study named 'nope'.*studies there: .*{store.study}"):
         StudyCache(store.tracker, None).points("nope")
 
 
 def test_pareto_figure_fronts_budget_and_best_match_the_queries(store):
-    points = StudyCache(store.tracker, None).points("dash")
+    points = StudyCache(store.tracker, None).points(store.study)
     budget = float(np.median(points["macs"]))
     fig = figures.pareto_figure(points, "val", budget=budget)
     names = [t.name for t in fig.data]
@@ -140,11 +138,11 @@ def test_pareto_figure_fronts_budget_and_best_match_the_queries(store):
 
 
 def test_compare_table_hypervolumes_against_one_reference(store, tmp_path):
-    other = Store(tmp_path / "other", study="dash2")
+    other = Store(store.tracker, tmp_path, study=store.study + "-2")
     other.trial("resnet")
     cache = StudyCache(store.tracker, None)
-    one = cache.points("dash")
-    both = pd.concat([one, StudyCache(other.tracker, None).points("dash2")], ignore_index=True)
+    one = cache.points(store.study)
+    both = pd.concat([one, StudyCache(other.tracker, None).points(other.study)], ignore_index=True)
     table, ref = figures.compare_table(one, budget=3e7)
     assert ref == pytest.approx(1.1 * one["macs"].max())
     for row in table.itertuples():
@@ -153,7 +151,8 @@ def test_compare_table_hypervolumes_against_one_reference(store, tmp_path):
         best = queries.best_point(one[one["method"] == row.group], max_macs=3e7)
         assert row.best_run == best["run_id"] and row.config == queries.point_config(best)
     groups = figures.group_of(both)
-    assert set(groups) == {"dash/elastic", "dash/resnet", "dash2/resnet"}
+    a, b = store.study, other.study
+    assert set(groups) == {f"{a}/elastic", f"{a}/resnet", f"{b}/resnet"}
 
 
 def test_load_trial_reads_curves_and_tables(store):
@@ -167,9 +166,9 @@ def test_load_trial_reads_curves_and_tables(store):
 def test_report_writes_a_self_contained_page_and_pngs(store, tmp_path):
     cache = StudyCache(store.tracker, None)
     out = tmp_path / "report"
-    files = write_report(cache, ["dash"], out, budget=2e7)
-    assert sorted(f.name for f in files) == ["compare.png", "pareto-dash-test.png", "pareto-dash-val.png",
-                                              "report.html"]
+    files = write_report(cache, [store.study], out, budget=2e7)
+    assert sorted(f.name for f in files) == ["compare.png", f"pareto-{store.study}-test.png",
+                                              f"pareto-{store.study}-val.png", "report.html"]
     page = (out / "report.html").read_text()
     assert "<script src=\"http" not in page and "Plotly.newPlot" in page  # plotly.js inlined, no network
     assert page.count("Plotly.newPlot") == 3 and "front: elastic" in page and "dynastudy best" in page
@@ -178,30 +177,30 @@ def test_report_writes_a_self_contained_page_and_pngs(store, tmp_path):
     assert not list(out.glob(".report-*"))
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "study.cli", *args], capture_output=True, text=True, timeout=120)
-
-
-def test_report_and_dashboard_refuse_bad_input_in_one_line(store, tmp_path):
+def test_report_and_dashboard_refuse_bad_input_in_one_line(store, tmp_path, capsys):
     uri = ["--tracking-uri", store.uri]
-    empty = Store(tmp_path / "empty", study="fresh")
+    empty = Store(store.tracker, tmp_path, study=store.study + "-fresh")
     empty.trial("resnet", finish=False)
     cases = [
         (["report", "--study", "nope", "--out", str(tmp_path / "r1"), *uri], "no study named 'nope'"),
-        (["report", "--study", "dash", "--out", str(tmp_path / "missing" / "r"), *uri], "does not exist"),
-        (["report", "--study", "fresh", "--out", str(tmp_path / "r2"), "--tracking-uri", empty.uri],
+        (["report", "--study", store.study, "--out", str(tmp_path / "missing" / "r"), *uri], "does not exist"),
+        (["report", "--study", empty.study, "--out", str(tmp_path / "r2"), *uri],
          "no finished trial with a frontier yet"),
-        (["report", "--study", "dash", "--out", str(tmp_path / "r3"), "--max-macs", "-5", *uri], "--max-macs -5"),
+        (["report", "--study", store.study, "--out", str(tmp_path / "r3"), "--max-macs", "-5", *uri],
+         "--max-macs -5"),
         (["dashboard", "--port", "70000", *uri], "--port 70000 is not a port"),
         (["dashboard", "--tracking-uri", f"sqlite:///{tmp_path}/none.db"], "no tracking store"),
     ]
     for args, message in cases:
-        r = _cli(*args)
-        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+        code, _, err = cli(capsys, *args)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
     assert not any((tmp_path / n).exists() for n in ("r1", "r2", "r3", "none.db"))
 
 
-def test_cli_report_prints_what_it_wrote(store, tmp_path):
-    r = _cli("report", "--study", "dash", "--out", str(tmp_path / "shared"), "--tracking-uri", store.uri)
-    assert r.returncode == 0, r.stderr
-    assert [json.dumps(line) for line in r.stdout.split()] and (tmp_path / "shared" / "report.html").is_file()
+def test_cli_report_prints_what_it_wrote(store, tmp_path, capsys):
+    code, out, err = cli(capsys, "report", "--study", store.study, "--out", str(tmp_path / "shared"),
+                          "--tracking-uri", store.uri)
+    assert code == 0, err
+    assert out.split() == [str(tmp_path / "shared" / n) for n in
+                           ("compare.png", f"pareto-{store.study}-test.png", f"pareto-{store.study}-val.png",
+                            "report.html")]

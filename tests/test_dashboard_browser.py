@@ -20,7 +20,7 @@ import time
 import pytest
 
 from browser import artifacts_dir, browser_paths, chromium, dashboard
-from stack import clean_env, dyn_common, dynastudy
+from stack import clean_env, cli, dyn_common
 
 pytestmark = pytest.mark.e2e
 
@@ -65,7 +65,7 @@ def _open_tab(driver, label: str) -> None:
     driver.find_element(By.XPATH, f"//div[contains(@class, 'tab') and normalize-space()='{label}']").click()
 
 
-def test_dashboard_in_a_browser(dyn_study, tmp_path, cifar_dir):
+def test_dashboard_in_a_browser(dyn_study, tmp_path, cifar_dir, capsys):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -79,7 +79,12 @@ def test_dashboard_in_a_browser(dyn_study, tmp_path, cifar_dir):
     shutil.copy(dyn_study["res"] / "mlflow.db", db)
     uri = f"sqlite:///{db}"
     store = ["--tracking-uri", uri, "--results-dir", str(tmp_path / "res")]
-    every = json.loads(dynastudy("pareto", "--study", "dyn", "--all", "--format", "json", *store).stdout)
+    def dynastudy(*args: str) -> tuple[str, str]:
+        code, out, err = cli(capsys, *args)
+        assert code == 0, err
+        return out, err
+
+    every = json.loads(dynastudy("pareto", "--study", "dyn", "--all", "--format", "json", *store)[0])
     methods = {p["method"] for p in every}
     assert methods == {"aig", "resnet", "elastic"}
 
@@ -108,7 +113,7 @@ def test_dashboard_in_a_browser(dyn_study, tmp_path, cifar_dir):
         time.sleep(1.5)  # the last drag event's answer
         budget = float(_by_id(driver, "budget-label").get_attribute("data-budget"))
         best = json.loads(dynastudy("best", "--study", "dyn", "--max-macs", repr(budget), "--format", "json",
-                                    *store).stdout)
+                                    *store)[0])
         info = _wait(driver, lambda d: _by_id(d, "best-info"))
         assert info.get_attribute("data-run-id") == best["run_id"]
         assert float(info.get_attribute("data-val-acc")) == pytest.approx(best["val_acc"])
@@ -152,8 +157,8 @@ def test_dashboard_in_a_browser(dyn_study, tmp_path, cifar_dir):
         rows = table.find_elements(By.CSS_SELECTOR, "tr")[1:]
         shown = {r.find_elements(By.TAG_NAME, "td")[0].text: r.find_elements(By.TAG_NAME, "td")[4].text
                  for r in rows}
-        cli = dynastudy("pareto", "--study", "dyn", "--by-method", "--format", "json", *store).stderr
-        expected = {m: f"{float(v):.4f}" for m, v in re.findall(r"^(\w+): hypervolume ([\d.]+)", cli, re.M)}
+        printed = dynastudy("pareto", "--study", "dyn", "--by-method", "--format", "json", *store)[1]
+        expected = {m: f"{float(v):.4f}" for m, v in re.findall(r"^(\w+): hypervolume ([\d.]+)", printed, re.M)}
         assert shown == expected
         driver.save_screenshot(str(shots / "5-compare.png"))
 
@@ -163,8 +168,9 @@ def test_dashboard_in_a_browser(dyn_study, tmp_path, cifar_dir):
 
         # A trial trained while the page is open appears on the Pareto plot without a reload.
         _open_tab(driver, "Pareto")
+        small = ["--subset", "200", "--set", "data.val_size=200", "--set", "data.test_subset=200"]
         r = subprocess.run([sys.executable, "-m", "study.cli", "run", "--method", "resnet",
-                            *dyn_common(dyn_study["res"], cifar_dir), "--tracking-uri", uri],
+                            *dyn_common(dyn_study["res"], cifar_dir), *small, "--tracking-uri", uri],
                            capture_output=True, text=True, env=clean_env(), timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         _wait(driver, lambda d: "5 trials" in d.find_element(By.CSS_SELECTOR, "#pareto-graph .gtitle").text,

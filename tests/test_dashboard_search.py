@@ -11,8 +11,8 @@ import plotly.graph_objects as go
 import pytest
 
 from dashboards import search
-from study.queries import _param_value
-from study.tracking import TAG_KIND, TAG_METHOD, TAG_STOPPED, TAG_TRIAL, Tracker
+from dashboards.data import StudyCache
+from study.tracking import TAG_STOPPED, Tracker
 from trainables.config import TrialConfig
 
 LRS = np.geomspace(1e-3, 0.3, 10)
@@ -20,17 +20,8 @@ DEPTHS = (20, 32, 56)
 
 
 def runs_frame(tracker: Tracker, study: str) -> pd.DataFrame:
-    """The dashboard's run summaries (the columns of dashboards.data.RUN_COLUMNS the search view reads)."""
-    exp = tracker.experiment_id(study)
-    rows = []
-    for run in tracker.client.search_runs([exp], filter_string=f"tags.`{TAG_KIND}` != 'sweep'", max_results=1000):
-        tags, metrics = run.data.tags, run.data.metrics
-        rows.append({"run_id": run.info.run_id, "method": tags.get(TAG_METHOD), "trial": tags.get(TAG_TRIAL),
-                     "kind": tags.get(TAG_KIND), "status": run.info.status,
-                     "val_acc": metrics.get("val_acc", math.nan), "macs": metrics.get("macs", math.nan),
-                     "stopped_early": tags.get(TAG_STOPPED),
-                     "params": {k: _param_value(v) for k, v in run.data.params.items()}})
-    return pd.DataFrame(rows)
+    """The dashboard's run summaries, as the data layer reads them."""
+    return StudyCache(tracker, None).runs(study)
 
 
 def _trial(tracker, exp, parent, study, flat, trial_id, metrics=None, status="FINISHED", kind="trial", stopped=False):
@@ -49,12 +40,12 @@ def _acc(lr: float) -> float:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, mlflow_tracker):
     """Study "s": 10 complete elastic trials (val_acc from optim.lr only, MACs from model.depth only, model.weights
     irrelevant), one failed, one stopped early, one still running; 3 aig trials over model.target; and a single
     `dynastudy run` with a momentum nobody searched. Study "one": a single finished trial."""
     root = tmp_path_factory.mktemp("search")
-    tracker = Tracker(f"sqlite:///{root}/m.db")
+    tracker = mlflow_tracker
     exp = tracker.ensure_experiment("s", root / "art")
     parent = tracker.start_sweep(exp, "s", {"trials": 16})
     for i, lr in enumerate(LRS):
