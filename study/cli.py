@@ -572,8 +572,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
-    from study.runner import SCHEDULERS
-    from study.search import SAMPLERS
+    from study.search import SAMPLERS, SCHEDULERS
     from trainables.config import DATASETS
     from trainables.methods import METHODS
 

@@ -1,5 +1,6 @@
 """Where results go: every path is absolute and derived from one results root (`--results-dir`,
-DYNASTUDY_HOME, else ./dynastudy-results), so Ray's per-trial working directories cannot misplace anything."""
+DYNASTUDY_HOME, else ./dynastudy-results), so Ray's per-trial working directories cannot misplace anything; the
+cache may live apart (DYNASTUDY_CACHE)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 from pathlib import Path
 
 RESULTS_ENV = "DYNASTUDY_HOME"
+CACHE_ENV = "DYNASTUDY_CACHE"
 
 
 def results_dir(arg: str | None = None) -> Path:
@@ -14,7 +16,11 @@ def results_dir(arg: str | None = None) -> Path:
 
 
 def cache_dir(root: Path) -> Path:
-    return root / "cache"
+    """Decoded datasets and downloaded frontiers: DYNASTUDY_CACHE (one cache for every results root on a machine,
+    so a dataset is decoded once), else <root>/cache. Entries are keyed by content (a checksum of the source, a
+    run id), so roots can share them."""
+    shared = os.environ.get(CACHE_ENV)
+    return Path(shared).expanduser().resolve() if shared else root / "cache"
 
 
 def ray_dir(root: Path) -> Path:

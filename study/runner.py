@@ -20,7 +20,8 @@ from typing import Any, Sequence, TextIO
 import optuna
 
 from study import paths
-from study.search import METRICS, MODES, SAMPLERS, SweepSpace, choice_applies, for_method, is_fixed, make_sampler
+from study.search import (METRICS, MODES, SAMPLERS, SCHEDULERS, SweepSpace, choice_applies, for_method, is_fixed,
+                          make_sampler)
 from study.tracking import TAG_FAIL, TAG_PARENT, TAG_STOPPED, Tracker, check_reachable
 from trainables import data as data_lib
 from trainables.config import TrialConfig
@@ -28,7 +29,6 @@ from trainables.hparams import ConfigError
 from trainables.loop import RunContext
 from trainables.methods import get_method
 
-SCHEDULERS = ("fifo", "asha")
 ASHA_MAX_T = 100_000  # reports; above any trial's (epochs, or pruning levels + 1)
 
 

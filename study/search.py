@@ -13,6 +13,7 @@ from search_spaces import get_space
 from trainables.hparams import ConfigError
 
 SAMPLERS = ("tpe", "nsga2", "random")
+SCHEDULERS = ("fifo", "asha")  # Tune trial schedulers (study/runner.py builds them)
 METRICS = ["val_acc", "macs"]
 MODES = ["max", "min"]
 

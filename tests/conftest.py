@@ -33,6 +33,19 @@ def cifar_dir() -> Path:
     pytest.skip(message)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_dataset_cache(tmp_path_factory):
+    """Every command the tests start decodes CIFAR-10 into one session cache (DYNASTUDY_CACHE) instead of once per
+    results folder (about 18 s each here)."""
+    previous = os.environ.get("DYNASTUDY_CACHE")
+    os.environ["DYNASTUDY_CACHE"] = str(tmp_path_factory.mktemp("dataset-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("DYNASTUDY_CACHE", None)
+    else:
+        os.environ["DYNASTUDY_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def cache_root(tmp_path_factory) -> Path:
     """One dataset cache for the whole session, so CIFAR-10 is decoded once."""

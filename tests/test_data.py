@@ -144,3 +144,12 @@ def test_batches_cover_the_split_once_per_epoch():
     b = data_lib.Batches(arrays.train_x, arrays.train_y, 32, "cpu", mean, std, augment=True, shuffle=True)
     ys = torch.cat([y for _, y in b.epoch(torch.Generator().manual_seed(0))])
     assert len(b) == 4 and sorted(ys.tolist()) == sorted(arrays.train_y.tolist())
+
+
+def test_one_cache_can_serve_every_results_folder(monkeypatch, tmp_path):
+    from study import paths
+
+    monkeypatch.delenv(paths.CACHE_ENV, raising=False)
+    assert paths.cache_dir(tmp_path / "a") == tmp_path / "a" / "cache"
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "shared"))
+    assert paths.cache_dir(tmp_path / "a") == paths.cache_dir(tmp_path / "b") == tmp_path / "shared"
