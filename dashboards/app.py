@@ -25,7 +25,7 @@ from dash import Input, Output, Patch, State, dcc, html, no_update
 from dashboards import figures, panels, search
 from dashboards.data import StudyCache, load_trial
 from study import queries
-from study.tracking import Tracker
+from study.tracking import Tracker, redact
 
 SPLIT_OPTIONS = [{"label": "validation", "value": "val"}, {"label": "test", "value": "test"}]
 _CARD = {"border": "1px solid #ddd", "borderRadius": "6px", "padding": "10px", "margin": "8px 0"}
@@ -56,7 +56,7 @@ def layout(cache: StudyCache, refresh_s: float) -> html.Div:
             dcc.Dropdown(id="study", options=studies, value=first, clearable=False, placeholder="study",
                          style={"width": "260px"}),
             html.Span(id="status", style={"color": "#555", "fontSize": "13px"}),
-            html.Span(cache.tracker.uri, style={"color": "#999", "fontSize": "12px", "marginLeft": "auto"}),
+            html.Span(redact(cache.tracker.uri), style={"color": "#999", "fontSize": "12px", "marginLeft": "auto"}),
         ]),
         dcc.Tabs(id="tabs", value="pareto", children=[
             dcc.Tab(label="Pareto", value="pareto", children=[
@@ -305,5 +305,5 @@ def serve(uri: str, cache_dir: Path | None, host: str = "127.0.0.1", port: int =
             return server
 
     where = f"[{host}]" if ":" in host else host
-    print(f"dynastudy dashboard on http://{where}:{port}/ (tracking store {uri}); Ctrl-C stops it", flush=True)
+    print(f"dynastudy dashboard on http://{where}:{port}/ (tracking store {redact(uri)}); Ctrl-C stops it", flush=True)
     _Gunicorn().run()

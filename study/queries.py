@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from study.pareto import hypervolume, non_dominated
-from study.tracking import FRONTIER, TAG_KIND, TAG_METHOD, TAG_TRIAL, Tracker
+from study.tracking import FRONTIER, TAG_KIND, TAG_METHOD, TAG_TRIAL, Tracker, redact
 from trainables.hparams import ConfigError
 
 PAGE = 1000
@@ -36,7 +36,7 @@ def study_experiment(tracker: Tracker, study: str) -> str:
     exp_id = tracker.experiment_id(study)
     if exp_id is None:
         known = tracker.studies()
-        raise ConfigError(f"no study named {study!r} at {tracker.uri}; studies there: "
+        raise ConfigError(f"no study named {study!r} at {redact(tracker.uri)}; studies there: "
                           + (", ".join(known) if known else "none"))
     return exp_id
 
@@ -107,7 +107,8 @@ def frontier_points(tracker: Tracker, study: str, method: str | None = None,
     return pd.concat(frames, ignore_index=True)
 
 
-def label_points(frontier: pd.DataFrame, run_id: str, method: str, trial: str, params: dict[str, Any]) -> pd.DataFrame:
+def label_points(frontier: pd.DataFrame, run_id: str, method: str, trial: str,
+                 params: dict[str, Any]) -> pd.DataFrame:
     """A trial's frontier rows with its run id, method, trial and params (the columns every query reads)."""
     df = frontier.copy()
     if "param" not in df:  # frontiers written before the policy families: param = shared threshold

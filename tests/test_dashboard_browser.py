@@ -142,8 +142,8 @@ def test_dashboard_in_a_browser(dyn_study, tmp_path, cifar_dir, capsys):
         if best["run_id"] != resnet:
             picker = driver.find_element(By.ID, "trial-run")
             picker.click()
-            search = _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#trial-run input, "
-                                                                              "[role=listbox] input, input[type=search]"))
+            inputs = "#trial-run input, [role=listbox] input, input[type=search]"
+            search = _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, inputs))
             search[0].send_keys("resnet")
             search[0].send_keys(Keys.ENTER)
             _wait(driver, lambda d: _by_id(d, "trial-summary").get_attribute("data-run-id") == resnet)
