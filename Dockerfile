@@ -15,11 +15,12 @@ RUN useradd --create-home --uid 1000 dynastudy \
 WORKDIR /opt/dynastudy
 
 # Dependencies first, read from pyproject.toml alone, so that editing the code does not reinstall torch (GBs).
-# psycopg2-binary: PostgreSQL for MLflow and Optuna; boto3: S3 artifacts; ray[default]: the Ray dashboard.
+# psycopg2-binary: PostgreSQL for MLflow and Optuna; boto3: S3 artifacts; ray[default]: the Ray dashboard;
+# mlflow[auth]: Flask-WTF, without which `mlflow server --app-name basic-auth` cannot start.
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt psycopg2-binary boto3 "ray[default]" \
+    && pip install -r /tmp/requirements.txt psycopg2-binary boto3 "ray[default]" "mlflow[auth]" \
     && rm /tmp/requirements.txt
 
 COPY README.md ./

@@ -254,7 +254,7 @@ def test_dockerfile_provides_what_the_services_use(resolved):
     # reinstall torch).
     assert dockerfile.index("COPY pyproject.toml") < dockerfile.index("pip install -r") \
         < dockerfile.index("COPY study")
-    for package in ("psycopg2-binary", "boto3"):
+    for package in ("psycopg2-binary", "boto3", '"mlflow[auth]"'):  # the last for basic auth (Flask-WTF)
         assert package in dockerfile
 
 
