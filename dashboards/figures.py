@@ -30,6 +30,7 @@ SPLITS = {
 TEMPLATE = "plotly_white"
 _PALETTE = qualitative.D3 + qualitative.Dark2
 HOVER_KEYS = 8  # searched hyperparameters a hover shows at most
+FULL_HOVER_POINTS = 10_000  # up to this many points every dot carries the full hover, beyond it a short one
 _POLICY_PARAM = {"budgeted": "q", "entropy": "H<", "confidence": "T", "sdn": "T"}
 
 
@@ -68,7 +69,7 @@ def _operating(row) -> str:
 def hover_texts(points: pd.DataFrame, rows: pd.DataFrame | None = None) -> list[str]:
     """The full hover of each of `rows` (default: every point): trial, method, both accuracies, MACs, the
     operating point (policy, thresholds) and the key hyperparameters (those searched among `points`). Front
-    points and the starred one carry it; the faint dots carry `dot_texts`."""
+    points and the starred one always carry it, the faint dots up to FULL_HOVER_POINTS points."""
     runs = points.drop_duplicates("run_id")
     keys = {m: search.searched_params(runs, m)[:HOVER_KEYS] for m in runs["method"].unique()}
     several = "study" in points and points["study"].nunique() > 1
@@ -84,8 +85,8 @@ def hover_texts(points: pd.DataFrame, rows: pd.DataFrame | None = None) -> list[
 
 
 def dot_texts(points: pd.DataFrame) -> list[str]:
-    """A short hover per faint dot (method, trial, policy and its parameter; the coordinates come from the
-    hovertemplate): with tens of thousands of points the page's size is mostly these strings."""
+    """A short hover per faint dot when there are more than FULL_HOVER_POINTS (method, trial, policy and its
+    parameter; the coordinates come from the hovertemplate): the full hovers would be most of the page's size."""
     param = points["param"].where(points["param"].notna(), points.get("threshold"))
     return [f"{m} {t} · " + (f"static exit {int(e)}" if p == "static"
                             else f"{p} {_POLICY_PARAM.get(p, '')}={v:.3g}")
@@ -117,8 +118,8 @@ def best_under(points: pd.DataFrame, budget: float | None) -> pd.Series | None:
         return None
 
 
-def pareto_figure(points: pd.DataFrame, split: str = "val", budget: float | None = None,
-                  title: str = "") -> go.Figure:
+def pareto_figure(points: pd.DataFrame, split: str = "val", budget: float | None = None, title: str = "",
+                  full_hover_points: int = FULL_HOVER_POINTS) -> go.Figure:
     """Every point faint, each group's front as a line, the budget as a vertical line and its best point starred.
 
     Trace names are the contract the browser test reads: "points: G", "front: G", "budget", "best under budget"."""
@@ -130,14 +131,15 @@ def pareto_figure(points: pd.DataFrame, split: str = "val", budget: float | None
         fig.update_layout(template=TEMPLATE, title=title)
         return fig
     groups = group_of(points)
-    dots = np.array(dot_texts(points), dtype=object)
+    full = len(points) <= full_hover_points  # the full hovers are most of the page's size beyond that
+    dots = np.array(hover_texts(points) if full else dot_texts(points), dtype=object)
     for g in sorted(groups.unique()):
         sel = (groups == g).to_numpy()
         part = points[sel]
         fig.add_trace(go.Scattergl(
             x=part[macs], y=part[acc], mode="markers", name=f"points: {g}", legendgroup=g, showlegend=False,
-            marker=dict(color=color(g), size=6, opacity=0.3), text=dots[sel], hovertemplate=DOT_HOVER,
-            customdata=part["run_id"]))
+            marker=dict(color=color(g), size=6, opacity=0.3), text=dots[sel],
+            hovertemplate="%{text}<extra></extra>" if full else DOT_HOVER, customdata=part["run_id"]))
         front = front_of(part, split)
         fig.add_trace(go.Scatter(
             x=front[macs], y=front[acc], mode="lines+markers", name=f"front: {g}", legendgroup=g,

@@ -135,8 +135,11 @@ def test_pareto_figure_fronts_budget_and_best_match_the_queries(store):
     assert list(test["best under budget"].x) == [best["test_macs"]]
     # No point fits: an empty star, and a front point's hover names the key hyperparameter that varies (optim.lr).
     assert len({t.name: t for t in figures.pareto_figure(points, "val", budget=1.0).data}["best under budget"].x) == 0
-    assert all("optim.lr" in text for text in by_name["front: elastic"].text)
-    assert all(text.startswith("elastic t") for text in by_name["points: elastic"].text)
+    assert all("optim.lr" in by_name[t].text[0] for t in ("front: elastic", "points: elastic"))
+    # Beyond FULL_HOVER_POINTS the dots carry a short hover; fronts and the star keep the full one.
+    short = {t.name: t for t in figures.pareto_figure(points, "val", budget=budget, full_hover_points=10).data}
+    assert all(text.startswith("elastic t") and "optim.lr" not in text for text in short["points: elastic"].text)
+    assert all("optim.lr" in text for text in short["front: elastic"].text)
 
 
 def test_compare_table_hypervolumes_against_one_reference(store, tmp_path):
