@@ -9,7 +9,7 @@ DATA ?= $(or $(DYNASTUDY_DATA),$(abspath ../shared/data))
 RESULTS ?= $(abspath dynastudy-results)
 STUDY ?= demo
 
-.PHONY: setup browser demo test clean
+.PHONY: setup tools demo test clean
 
 setup: $(STAMP)
 
@@ -28,11 +28,12 @@ demo: $(STAMP)
 	@echo "Open the MLflow UI on these results:"
 	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(RESULTS)/mlflow.db --host 127.0.0.1 --port 5000"
 
-# Debian's chromium + chromedriver for the dashboard's browser test (apt-get, as root or with sudo).
-browser:
-	@sh scripts/install-browser.sh
+# Debian's chromium + chromedriver (the dashboard's browser test) and docker-compose (the compose file's
+# validation test), when missing (apt-get, as root or with sudo).
+tools:
+	@sh scripts/install-test-tools.sh
 
-test: $(STAMP) browser
+test: $(STAMP) tools
 	DYNASTUDY_DATA=$(DATA) $(BIN)/python -m pytest -q
 
 clean:

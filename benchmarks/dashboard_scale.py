@@ -64,6 +64,7 @@ def main() -> None:
     p.add_argument("--out", required=True, help="folder for the store and the frontier cache (emptied first)")
     p.add_argument("--tracking-uri", help="default: sqlite:///<out>/mlflow.db")
     p.add_argument("--json", help="write the figures here too")
+    p.add_argument("--reuse", action="store_true", help="read the store this script filled before (each run adds 10)")
     args = p.parse_args()
 
     import os
@@ -74,25 +75,30 @@ def main() -> None:
     from study.tracking import Tracker
 
     out = Path(args.out).resolve()
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    if not args.reuse:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
     tracker = Tracker(args.tracking_uri or f"sqlite:///{out}/mlflow.db")
     rng = np.random.default_rng(0)
-    _, fill_s = timed(lambda: fill(tracker, "scale", out, 0, args.trials, args.points, rng))
+    fill_s = float("nan")
+    if not args.reuse:
+        _, fill_s = timed(lambda: fill(tracker, "scale", out, 0, args.trials, args.points, rng))
+    shutil.rmtree(out / "cache", ignore_errors=True)
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
               "store": tracker.uri.split(":")[0], "trials": args.trials, "points_per_trial": args.points,
               "fill_s": round(fill_s, 1)}
 
     cache = StudyCache(tracker, out / "cache", min_interval=0)
     points, s = timed(lambda: cache.points("scale"))
-    result.update(first_read_s=round(s, 2), first_read_queries=cache.queries, points=len(points))
+    result.update(first_read_s=round(s, 2), first_read_queries=cache.queries, points=len(points),
+                  trials=points["run_id"].nunique())
     restart = StudyCache(tracker, out / "cache", min_interval=0)
     _, s = timed(lambda: restart.points("scale"))
     result.update(restart_read_s=round(s, 2))
     before = cache.queries
     _, s = timed(lambda: cache.refresh("scale", force=True))
     result.update(idle_refresh_s=round(s, 3), idle_refresh_queries=cache.queries - before)
-    fill(tracker, "scale", out, args.trials, 10, args.points, rng)
+    fill(tracker, "scale", out, len(cache.runs("scale")), 10, args.points, rng)
     before = cache.queries
     _, s = timed(lambda: cache.refresh("scale", force=True))
     result.update(refresh_10_new_s=round(s, 3), refresh_10_new_queries=cache.queries - before)

@@ -25,7 +25,7 @@ from dash import Input, Output, Patch, State, dcc, html, no_update
 from dashboards import figures, panels, search
 from dashboards.data import StudyCache, load_trial
 from study import queries
-from study.tracking import Tracker
+from study.tracking import Tracker, redact
 
 SPLIT_OPTIONS = [{"label": "validation", "value": "val"}, {"label": "test", "value": "test"}]
 _CARD = {"border": "1px solid #ddd", "borderRadius": "6px", "padding": "10px", "margin": "8px 0"}
@@ -51,12 +51,13 @@ def layout(cache: StudyCache, refresh_s: float) -> html.Div:
         dcc.Interval(id="tick", interval=int(refresh_s * 1000)),
         dcc.Store(id="version"),
         dcc.Store(id="pareto-shown"),
+        dcc.Store(id="trial-shown"),
         html.Div(style={"display": "flex", "gap": "16px", "alignItems": "center"}, children=[
             html.H3("dynastudy", style={"margin": "8px 0"}),
             dcc.Dropdown(id="study", options=studies, value=first, clearable=False, placeholder="study",
                          style={"width": "260px"}),
             html.Span(id="status", style={"color": "#555", "fontSize": "13px"}),
-            html.Span(cache.tracker.uri, style={"color": "#999", "fontSize": "12px", "marginLeft": "auto"}),
+            html.Span(redact(cache.tracker.uri), style={"color": "#999", "fontSize": "12px", "marginLeft": "auto"}),
         ]),
         dcc.Tabs(id="tabs", value="pareto", children=[
             dcc.Tab(label="Pareto", value="pareto", children=[
@@ -177,13 +178,13 @@ def create_app(cache: StudyCache, refresh_s: float = 5.0) -> dash.Dash:
                           + (f" · val_acc {r.val_acc:.4f}" if r.val_acc == r.val_acc else ""),
                  "value": r.run_id} for r in runs.iloc[::-1].itertuples()]
 
-    @app.callback(Output("trial-view", "children"), Input("trial-run", "value"), Input("version", "data"),
-                  State("trial-view", "children"))
+    @app.callback(Output("trial-view", "children"), Output("trial-shown", "data"), Input("trial-run", "value"),
+                  Input("version", "data"), State("trial-shown", "data"))
     def trial_view(run_id, version, shown):
         if not run_id:
-            return html.P("Pick a trial, or click a point on the Pareto plot.")
-        if dash.ctx.triggered_id == "version" and shown and _shown_finished(shown, run_id):
-            return no_update  # a finished trial's view does not change
+            return html.P("Pick a trial, or click a point on the Pareto plot."), None
+        if dash.ctx.triggered_id == "version" and shown == {"run_id": run_id, "status": "FINISHED"}:
+            return no_update, no_update  # a finished trial's view does not change
         t = load_trial(tracker, run_id)
         rows = [html.Tr([html.Th(k, style={"textAlign": "left", "paddingRight": "12px"}), html.Td(v)])
                 for k, v in panels.summary(t)]
@@ -192,7 +193,7 @@ def create_app(cache: StudyCache, refresh_s: float = 5.0) -> dash.Dash:
         for pid, title, fig in panels.panels(t):
             children.append(html.Div(id=f"panel-{pid}", className="panel", style=_CARD, children=[
                 html.H4(title, style={"margin": "4px 0"}), dcc.Graph(figure=fig, config={"displaylogo": False})]))
-        return children
+        return children, {"run_id": run_id, "status": t.status}
 
     @app.callback(Output("compare-studies", "options"), Output("compare-studies", "value"),
                   Input("version", "data"), State("compare-studies", "value"))
@@ -205,8 +206,10 @@ def create_app(cache: StudyCache, refresh_s: float = 5.0) -> dash.Dash:
     @app.callback(Output("compare-methods", "options"), Output("compare-view", "children"),
                   Input("compare-studies", "value"), Input("compare-methods", "value"),
                   Input("compare-split", "value"), Input("compare-budget", "value"), Input("version", "data"),
-                  Input("budget", "value"))
-    def compare(studies, methods, split, budget, _, pareto_budget):
+                  Input("tabs", "value"), State("budget", "value"))
+    def compare(studies, methods, split, budget, _, tab, pareto_budget):
+        if tab != "compare":  # its figure is as heavy as the Pareto tab's: drawn only when looked at
+            return no_update, no_update
         if not studies:
             return [], html.P("Pick one or more studies.")
         points = pd.concat([cache.points(s) for s in studies], ignore_index=True)
@@ -223,8 +226,10 @@ def create_app(cache: StudyCache, refresh_s: float = 5.0) -> dash.Dash:
                          _compare_table(table, ref, budget)]
 
     @app.callback(Output("search-method", "options"), Output("search-view", "children"),
-                  Input("version", "data"), Input("search-method", "value"))
-    def search_view(version, method):
+                  Input("version", "data"), Input("search-method", "value"), Input("tabs", "value"))
+    def search_view(version, method, tab):
+        if tab != "search":  # importance fits take seconds: only when looked at
+            return no_update, no_update
         if not version:
             return [], ""
         runs = cache.runs(version["study"])
@@ -254,15 +259,6 @@ def _best_card(points: pd.DataFrame, budget: float, study: str) -> html.Div:
         html.Code(f"dynastudy best --study {study} --max-macs {budget:.0f}"),
         _config_block(queries.point_config(best), "best-config"),
     ])
-
-
-def _shown_finished(shown: Any, run_id: str) -> bool:
-    """Whether the trial view on the page already shows `run_id` as finished (its first child's data)."""
-    try:
-        props = shown[0]["props"]
-        return props.get("data-run-id") == run_id and props.get("data-status") == "FINISHED"
-    except (TypeError, KeyError, IndexError):
-        return False
 
 
 def _compare_table(table: pd.DataFrame, ref_macs: float, budget: float | None) -> html.Div:
@@ -305,5 +301,5 @@ def serve(uri: str, cache_dir: Path | None, host: str = "127.0.0.1", port: int =
             return server
 
     where = f"[{host}]" if ":" in host else host
-    print(f"dynastudy dashboard on http://{where}:{port}/ (tracking store {uri}); Ctrl-C stops it", flush=True)
+    print(f"dynastudy dashboard on http://{where}:{port}/ (tracking store {redact(uri)}); Ctrl-C stops it", flush=True)
     _Gunicorn().run()

@@ -15,6 +15,7 @@ import json
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,11 @@ from study.tracking import (COST, TAG_FAIL, TAG_KIND, TAG_METHOD, TAG_NODE, TAG_
 CURVES = ("train_loss", "val_acc", "lr", "epoch_time_s", "images_per_s")
 # Parquet artifacts a trial view can show, by table name.
 TABLES = ("frontier", "gate_rates", "heads", "lottery", "lottery_layers", "lesion")
-CLOCK_SKEW_MS = 300_000
+DOWNLOADS = 8  # frontier artifacts fetched at once
+CLOCK_SKEW_MS = 30_000  # how far the clocks of the nodes that end runs may disagree
 RUN_COLUMNS = ["run_id", "method", "trial", "kind", "status", "start_time", "end_time", "val_acc", "test_acc",
-               "macs", "macs_full", "node", "notes", "fail_reason", "stopped_early", "parent", "params"]
+               "macs", "macs_full", "node", "notes", "fail_reason", "stopped_early", "parent", "artifact_uri",
+               "params"]
 
 
 @dataclasses.dataclass
@@ -62,7 +65,7 @@ def _summary(run) -> dict[str, Any]:
             "macs_full": metrics.get("macs_full", float("nan")), "node": tags.get(TAG_NODE, ""),
             "notes": tags.get(TAG_NOTES, ""), "fail_reason": tags.get(TAG_FAIL, ""),
             "stopped_early": TAG_STOPPED in tags,  # ASHA stopped it (Optuna: PRUNED)
-            "parent": tags.get(TAG_PARENT, ""),
+            "parent": tags.get(TAG_PARENT, ""), "artifact_uri": run.info.artifact_uri,
             "params": {k: queries.param_value(v) for k, v in run.data.params.items()}}
 
 
@@ -90,6 +93,7 @@ class StudyCache:
         self._studies: dict[str, _Study] = {}
         self._lock = threading.Lock()
         self.queries = 0  # MLflow search calls made, for tests and the benchmark
+        self.frontiers = 0  # frontier artifacts read
 
     def studies(self) -> list[str]:
         return self.tracker.studies()
@@ -128,7 +132,7 @@ class StudyCache:
                 since = max(entry.seen_end - CLOCK_SKEW_MS, 1)
                 fresh = self._search(entry.exp_id, f"{trials} and attributes.end_time >= {since}")
                 fresh += self._search(entry.exp_id, f"{trials} and attributes.status = 'RUNNING'")
-            changed = False
+            changed, finished = False, []
             for run in fresh:
                 row = _summary(run)
                 old = entry.runs.get(row["run_id"])
@@ -139,12 +143,16 @@ class StudyCache:
                 changed = True
                 if row["end_time"]:
                     entry.seen_end = max(entry.seen_end, int(row["end_time"]))
+                entry.points.pop(row["run_id"], None)
                 if row["status"] == "FINISHED":
-                    frontier = queries.frontier_of(self.tracker, row["run_id"], self.cache_dir)
+                    finished.append((row["run_id"], row["artifact_uri"]))
+            # Downloads wait on the tracking server (or the disk), not on Python: several at once.
+            with ThreadPoolExecutor(max_workers=DOWNLOADS) as pool:
+                frontiers = pool.map(lambda r: queries.frontier_of(self.tracker, r[0], self.cache_dir, r[1]), finished)
+                for (run_id, _), frontier in zip(finished, frontiers):
+                    self.frontiers += 1
                     if frontier is not None and not frontier.empty:
-                        entry.points[row["run_id"]] = frontier
-                else:
-                    entry.points.pop(row["run_id"], None)
+                        entry.points[run_id] = frontier
             if entry.seen_end == 0:
                 entry.seen_end = 1  # looked once: later refreshes are incremental even while nothing has ended
             entry.checked = time.monotonic()

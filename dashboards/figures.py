@@ -30,6 +30,7 @@ SPLITS = {
 TEMPLATE = "plotly_white"
 _PALETTE = qualitative.D3 + qualitative.Dark2
 HOVER_KEYS = 8  # searched hyperparameters a hover shows at most
+FULL_HOVER_POINTS = 10_000  # up to this many points every dot carries the full hover, beyond it a short one
 _POLICY_PARAM = {"budgeted": "q", "entropy": "H<", "confidence": "T", "sdn": "T"}
 
 
@@ -66,19 +67,33 @@ def _operating(row) -> str:
 
 
 def hover_texts(points: pd.DataFrame, rows: pd.DataFrame | None = None) -> list[str]:
-    """Trial, method, operating point (policy, thresholds) and the key hyperparameters (those varying among
-    `points`) of each of `rows` (default: every point)."""
+    """The full hover of each of `rows` (default: every point): trial, method, both accuracies, MACs, the
+    operating point (policy, thresholds) and the key hyperparameters (those searched among `points`). Front
+    points and the starred one always carry it, the faint dots up to FULL_HOVER_POINTS points."""
     runs = points.drop_duplicates("run_id")
     keys = {m: search.searched_params(runs, m)[:HOVER_KEYS] for m in runs["method"].unique()}
+    several = "study" in points and points["study"].nunique() > 1
     texts = []
     for row in (points if rows is None else rows).itertuples():
         params = "<br>".join(f"{k} = {_fmt(row.params.get(k))}" for k in keys.get(row.method, []))
-        study = f"study {row.study}<br>" if "study" in points and points["study"].nunique() > 1 else ""
+        study = f"study {row.study}<br>" if several else ""
         texts.append(f"<b>{row.method}</b> trial {row.trial} (run {row.run_id[:8]})<br>{study}"
                      f"val_acc {row.val_acc:.4f}, test_acc {row.test_acc:.4f}<br>"
                      f"{row.macs / 1e6:.3f} M MACs ({2 * row.macs / 1e6:.3f} M FLOPs)<br>{_operating(row)}"
                      + (f"<br>{params}" if params else ""))
     return texts
+
+
+def dot_texts(points: pd.DataFrame) -> list[str]:
+    """A short hover per faint dot when there are more than FULL_HOVER_POINTS (method, trial, policy and its
+    parameter; the coordinates come from the hovertemplate): the full hovers would be most of the page's size."""
+    param = points["param"].where(points["param"].notna(), points.get("threshold"))
+    return [f"{m} {t} · " + (f"static exit {int(e)}" if p == "static"
+                            else f"{p} {_POLICY_PARAM.get(p, '')}={v:.3g}")
+            for m, t, p, e, v in zip(points["method"], points["trial"], points["policy"], points["exit"], param)]
+
+
+DOT_HOVER = "%{text}<br>%{y:.4f} at %{x:.4s} MACs<extra></extra>"
 
 
 def group_of(points: pd.DataFrame) -> pd.Series:
@@ -103,8 +118,8 @@ def best_under(points: pd.DataFrame, budget: float | None) -> pd.Series | None:
         return None
 
 
-def pareto_figure(points: pd.DataFrame, split: str = "val", budget: float | None = None,
-                  title: str = "") -> go.Figure:
+def pareto_figure(points: pd.DataFrame, split: str = "val", budget: float | None = None, title: str = "",
+                  full_hover_points: int = FULL_HOVER_POINTS) -> go.Figure:
     """Every point faint, each group's front as a line, the budget as a vertical line and its best point starred.
 
     Trace names are the contract the browser test reads: "points: G", "front: G", "budget", "best under budget"."""
@@ -116,19 +131,20 @@ def pareto_figure(points: pd.DataFrame, split: str = "val", budget: float | None
         fig.update_layout(template=TEMPLATE, title=title)
         return fig
     groups = group_of(points)
-    texts = np.array(hover_texts(points), dtype=object)
+    full = len(points) <= full_hover_points  # the full hovers are most of the page's size beyond that
+    dots = np.array(hover_texts(points) if full else dot_texts(points), dtype=object)
     for g in sorted(groups.unique()):
         sel = (groups == g).to_numpy()
         part = points[sel]
         fig.add_trace(go.Scattergl(
             x=part[macs], y=part[acc], mode="markers", name=f"points: {g}", legendgroup=g, showlegend=False,
-            marker=dict(color=color(g), size=6, opacity=0.3), text=texts[sel], hoverinfo="text",
-            customdata=part["run_id"]))
+            marker=dict(color=color(g), size=6, opacity=0.3), text=dots[sel],
+            hovertemplate="%{text}<extra></extra>" if full else DOT_HOVER, customdata=part["run_id"]))
         front = front_of(part, split)
         fig.add_trace(go.Scatter(
             x=front[macs], y=front[acc], mode="lines+markers", name=f"front: {g}", legendgroup=g,
             line=dict(color=color(g), width=2, shape="hv"), marker=dict(color=color(g), size=8),
-            text=texts[points.index.get_indexer(front.index)], hoverinfo="text", customdata=front["run_id"]))
+            text=hover_texts(points, front), hoverinfo="text", customdata=front["run_id"]))
     if budget is not None:  # always both traces, last, so a budget change can patch them in place
         fig.add_traces(budget_traces(points, split, budget))
     fig.update_layout(template=TEMPLATE, title=title, hovermode="closest", clickmode="event",

@@ -22,6 +22,7 @@ import yaml  # noqa: E402
 
 from dashboards import figures  # noqa: E402
 from dashboards.data import StudyCache  # noqa: E402
+from study.tracking import redact  # noqa: E402
 from trainables.hparams import ConfigError  # noqa: E402
 
 
@@ -99,11 +100,12 @@ def write_report(cache: StudyCache, studies: list[str], out: Path, budget: float
     table, ref = figures.compare_table(points, pick)
     pngs["compare.png"] = (points, "val", "compare: " + ", ".join(studies))
     body = "".join(f"<section>{s}</section>" for s in sections)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dynastudy report: {html.escape(', '.join(studies))}</title>
+    names = html.escape(", ".join(studies))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dynastudy report: {names}</title>
 <style>body{{font-family:sans-serif;margin:16px}} table{{border-collapse:collapse}} td,th{{padding:3px 10px;
 border-bottom:1px solid #ddd;text-align:left}} .note{{color:#555;font-size:13px}} pre{{background:#f7f7f7}}</style>
-</head><body><h2>dynastudy report: {html.escape(', '.join(studies))}</h2>
-<p class=note>Tracking store {html.escape(cache.tracker.uri)}; written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.
+</head><body><h2>dynastudy report: {names}</h2>
+<p class=note>Tracking store {html.escape(redact(cache.tracker.uri))}; written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.
 Accuracy vs expected MACs per image (FLOPs = 2 x MACs); every frontier point of every trial faint, each method's
 non-dominated front as a line.</p>{body}
 <h3>Compare</h3><section>{fig.to_html(full_html=False, include_plotlyjs=False, default_height="560px")}</section>

@@ -123,6 +123,7 @@ def _uri(args: argparse.Namespace) -> tuple[Path, str]:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from study import paths
     from study.runner import SweepSpec, run_sweep
+    from study.tracking import redact
 
     fixed = fixed_keys(args)
     if args.seed is not None and "seed" not in fixed:
@@ -149,7 +150,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 130
     print(f"sweep done in {result.seconds:.0f}s: {result.count('complete')} complete, "
           f"{result.count('stopped')} stopped early, {result.count('diverged') + result.count('error')} failed")
-    print(f"tracking: {uri}  (experiment {spec.study!r}, sweep run {result.parent_run_id})")
+    print(f"tracking: {redact(uri)}  (experiment {spec.study!r}, sweep run {result.parent_run_id})")
     if result.count("complete"):
         args.method, args.format, args.out, args.ref_macs = None, "table", None, None
         args.by_method = args.all = False
@@ -550,7 +551,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from study import paths
-    from study.tracking import Tracker, check_readable
+    from study.tracking import Tracker, check_readable, redact
 
     root, uri = _uri(args)
     check_readable(uri)
@@ -563,7 +564,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     known = cache.studies()
     for study in args.study:
         if study not in known:
-            raise ConfigError(f"no study named {study!r} at {uri}; studies there: " + (", ".join(known) or "none"))
+            raise ConfigError(f"no study named {study!r} at {redact(uri)}; studies there: "
+                              + (", ".join(known) or "none"))
     for path in write_report(cache, list(dict.fromkeys(args.study)), Path(args.out), args.max_macs):
         print(path)
     return 0

@@ -22,7 +22,7 @@ import optuna
 from study import paths
 from study.search import (METRICS, MODES, SAMPLERS, SCHEDULERS, SweepSpace, choice_applies, for_method, is_fixed,
                           make_sampler)
-from study.tracking import TAG_FAIL, TAG_PARENT, TAG_STOPPED, Tracker, check_reachable
+from study.tracking import TAG_FAIL, TAG_PARENT, TAG_STOPPED, Tracker, check_reachable, redact
 from trainables import data as data_lib
 from trainables.config import TrialConfig
 from trainables.hparams import ConfigError
@@ -55,6 +55,7 @@ class SweepSpec:
     def summary(self) -> dict[str, Any]:
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("fixed", "choices")}
         out["methods"] = ",".join(self.methods)
+        out["storage"], out["tracking_uri"] = redact(self.storage), redact(self.tracking_uri)  # logged as params
         out.update({f"fixed.{k}": v for k, v in self.fixed.items()})
         out.update({f"choice.{k}": ",".join(map(str, v)) for k, v in self.choices.items()})
         return out
@@ -110,14 +111,14 @@ def check_storage(url: str, directions: list[str], study: str) -> int:
         storage = optuna.storages.RDBStorage(url, skip_compatibility_check=False)
         existing = {s.study_name: s for s in storage.get_all_studies()}
     except Exception as e:
-        raise ConfigError(f"storage {url} is unreachable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
-            from None
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise ConfigError(f"storage {redact(url)} is unreachable ({type(e).__name__}: {first})") from None
     if study not in existing:
         return 0
     have = [d.name.lower() for d in existing[study].directions]
     want = ["maximize" if m == "max" else "minimize" for m in directions]
     if have != want:
-        raise ConfigError(f"Optuna study {study!r} in {url} has directions {have}, not {want}")
+        raise ConfigError(f"Optuna study {study!r} in {redact(url)} has directions {have}, not {want}")
     return len(storage.get_all_trials(storage.get_study_id_from_name(study), deepcopy=False))
 
 

@@ -62,6 +62,20 @@ def default_tracking_uri(results_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{results_dir / 'mlflow.db'}"
 
 
+def redact(url: str) -> str:
+    """A URL as it may be printed or logged: a password in it replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
 def is_local(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
 
@@ -78,14 +92,14 @@ def _check_database(url: str, what: str) -> None:
         engine.dispose()
     except Exception as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise ConfigError(f"{what} {url} is unusable ({type(e).__name__}: {first})") from None
+        raise ConfigError(f"{what} {redact(url)} is unusable ({type(e).__name__}: {first})") from None
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail with one line unless `uri` is a usable MLflow tracking URI. Writes nothing."""
     scheme = uri.split("://", 1)[0] if "://" in uri else ""
     if scheme not in ("sqlite", "http", "https") and not scheme.startswith(("postgresql", "mysql")):
-        raise ConfigError(f"tracking URI {uri!r} is not supported; valid: sqlite:////abs/path.db, "
+        raise ConfigError(f"tracking URI {redact(uri)!r} is not supported; valid: sqlite:////abs/path.db, "
                           "http(s)://host:port (an MLflow server), postgresql://user@host:port/db")
     if scheme in ("http", "https"):
         try:
@@ -93,7 +107,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                 r.read()
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", e)
-            raise ConfigError(f"tracking server {uri} is unreachable ({reason}); start it or pass another "
+            raise ConfigError(f"tracking server {redact(uri)} is unreachable ({reason}); start it or pass another "
                               "--tracking-uri") from None
     elif scheme == "sqlite":
         path = sqlite_file(uri)
@@ -117,8 +131,8 @@ def check_readable(uri: str) -> None:
     path = sqlite_file(uri)
     if path is not None:
         if not path.is_file():
-            raise ConfigError(f"no tracking store at {uri} (no sweep has written there yet); pass --tracking-uri "
-                              "or --results-dir of an existing study")
+            raise ConfigError(f"no tracking store at {redact(uri)} (no sweep has written there yet); pass "
+                              "--tracking-uri or --results-dir of an existing study")
 
 
 class Tracker:
@@ -230,7 +244,7 @@ class Tracker:
         try:
             return self.client.get_run(run_id)
         except MlflowException:
-            raise ConfigError(f"no run {run_id!r} in the tracking store {self.uri}") from None
+            raise ConfigError(f"no run {run_id!r} in the tracking store {redact(self.uri)}") from None
 
     def load_trial(self, run_id: str):
         """A finished trial's run, resolved config (flat keys) and trained weights, from the tracking store."""

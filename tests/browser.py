@@ -22,12 +22,12 @@ CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first
 
 
 def browser_paths() -> tuple[str, str]:
-    """chromium and chromedriver, or skip (fail under CI=true): `make browser` installs them."""
+    """chromium and chromedriver, or skip (fail under CI=true): `make tools` installs them."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if chromium and driver:
         return chromium, driver
-    message = "chromium and chromedriver are not installed (`make browser` installs Debian's)"
+    message = "chromium and chromedriver are not installed (`make tools` installs Debian's)"
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)

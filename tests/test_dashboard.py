@@ -77,13 +77,14 @@ def test_cache_reads_a_study_once_then_only_what_changed(store, tmp_path):
     assert cache.version(store.study) == version  # nothing new: same version, the same frame object
     assert cache.points(store.study) is cache.points(store.study)
 
-    # A new finished trial and a running one: two small queries per refresh, one new frontier download.
-    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    # A new finished trial and a running one: two small queries per refresh, one frontier read (in place: the
+    # artifacts are on this disk, so nothing is copied into the cache).
+    assert cache.frontiers == 3
     before = cache.queries
     new = store.trial("elastic", **{"optim.lr": 0.2})
     running = store.trial("resnet", finish=False)
-    assert cache.version(store.study) == version + 1 and cache.queries == before + 2
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(cached + [f"{new}.parquet"])
+    assert cache.version(store.study) == version + 1 and cache.queries == before + 2 and cache.frontiers == 4
+    assert not (tmp_path / "cache").exists()
     runs = cache.runs(store.study)
     assert dict(zip(runs["run_id"], runs["status"]))[running] == "RUNNING"
     assert set(cache.points(store.study)["run_id"]) == set(reference["run_id"]) | {new}
@@ -132,9 +133,13 @@ def test_pareto_figure_fronts_budget_and_best_match_the_queries(store):
     test = {t.name: t for t in figures.pareto_figure(points, "test", budget=budget).data}
     assert list(test["best under budget"].y) == [best["test_acc"]]
     assert list(test["best under budget"].x) == [best["test_macs"]]
-    # No point fits: an empty star, and the hover names the key hyperparameter that varies (optim.lr).
+    # No point fits: an empty star, and a front point's hover names the key hyperparameter that varies (optim.lr).
     assert len({t.name: t for t in figures.pareto_figure(points, "val", budget=1.0).data}["best under budget"].x) == 0
-    assert all("optim.lr" in text for text in by_name["points: elastic"].text)
+    assert all("optim.lr" in by_name[t].text[0] for t in ("front: elastic", "points: elastic"))
+    # Beyond FULL_HOVER_POINTS the dots carry a short hover; fronts and the star keep the full one.
+    short = {t.name: t for t in figures.pareto_figure(points, "val", budget=budget, full_hover_points=10).data}
+    assert all(text.startswith("elastic t") and "optim.lr" not in text for text in short["points: elastic"].text)
+    assert all("optim.lr" in text for text in short["front: elastic"].text)
 
 
 def test_compare_table_hypervolumes_against_one_reference(store, tmp_path):
@@ -204,3 +209,15 @@ def test_cli_report_prints_what_it_wrote(store, tmp_path, capsys):
     assert out.split() == [str(tmp_path / "shared" / n) for n in
                            ("compare.png", f"pareto-{store.study}-test.png", f"pareto-{store.study}-val.png",
                             "report.html")]
+
+
+def test_frontiers_off_this_disk_are_downloaded_once_into_the_cache(store, tmp_path):
+    """Without a local artifact path (a remote tracking server) a frontier is downloaded through MLflow, cached by
+    run id, and read from the cache afterwards."""
+    run = store.tracker.client.search_runs([store.exp], "tags.`dynastudy.method` = 'resnet'")[0]
+    local = queries.frontier_of(store.tracker, run.info.run_id, None, run.info.artifact_uri)
+    downloaded = queries.frontier_of(store.tracker, run.info.run_id, tmp_path / "c")
+    assert (tmp_path / "c" / f"{run.info.run_id}.parquet").is_file()
+    pd.testing.assert_frame_equal(downloaded, local)
+    local.head(1).to_parquet(tmp_path / "c" / f"{run.info.run_id}.parquet")  # what only the cache holds
+    assert len(queries.frontier_of(store.tracker, run.info.run_id, tmp_path / "c")) == 1

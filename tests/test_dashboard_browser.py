@@ -136,19 +136,22 @@ def test_dashboard_in_a_browser(dyn_study, tmp_path, cifar_dir, capsys):
         else:
             assert "panel-gates" not in panels
         driver.save_screenshot(str(shots / f"3-trial-{method}.png"))
+        driver.execute_script("arguments[0].scrollIntoView()", _by_id(driver, "panel-exits"))
+        driver.save_screenshot(str(shots / f"3-trial-{method}-exits.png"))
 
         # The lesioned resnet trial, picked from the trial list: its lesion panel is there.
         resnet = dyn_study["lesioned"]["resnet"]
         if best["run_id"] != resnet:
             picker = driver.find_element(By.ID, "trial-run")
             picker.click()
-            search = _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#trial-run input, "
-                                                                              "[role=listbox] input, input[type=search]"))
+            inputs = "#trial-run input, [role=listbox] input, input[type=search]"
+            search = _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, inputs))
             search[0].send_keys("resnet")
             search[0].send_keys(Keys.ENTER)
             _wait(driver, lambda d: _by_id(d, "trial-summary").get_attribute("data-run-id") == resnet)
-        _wait(driver, lambda d: _by_id(d, "panel-lesion"))
+        lesion = _wait(driver, lambda d: _by_id(d, "panel-lesion"))
         assert _by_id(driver, "panel-gates") is None
+        driver.execute_script("arguments[0].scrollIntoView()", lesion)
         driver.save_screenshot(str(shots / "4-trial-resnet-lesion.png"))
 
         # Compare view: one row per method, hypervolumes as `dynastudy pareto --by-method` prints them.

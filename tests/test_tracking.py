@@ -25,3 +25,13 @@ def test_trial_runs_fail_resume_and_are_found_again(tmp_path):
     assert run.info.status == "RUNNING" and TAG_FAIL not in run.data.tags
     tracker.log_metrics(run_id, {"val_acc": 0.5, "note": "skipped"}, step=1)
     assert [m.value for m in tracker.client.get_metric_history(run_id, "val_acc")] == [0.5]
+
+
+def test_passwords_in_urls_are_never_shown():
+    from study.tracking import redact
+
+    secret = "postgresql+psycopg2://mlflow:s3cret@db:5432/mlflow"
+    assert redact(secret) == "postgresql+psycopg2://mlflow:***@db:5432/mlflow"
+    assert redact("http://alice:pw@127.0.0.1:5000") == "http://alice:***@127.0.0.1:5000"
+    for url in ("sqlite:////abs/mlflow.db", "http://127.0.0.1:5000", "postgresql://postgres@127.0.0.1:5433/optuna"):
+        assert redact(url) == url
