@@ -145,7 +145,7 @@ def collect(cluster: LocalCluster, study: str) -> Facts:
                  listening=cluster.listening())
 
 
-def failures(facts: Facts, trials: int, worker_ips: list[str]) -> list[tuple[bool, str]]:
+def check(facts: Facts, trials: int, worker_ips: list[str]) -> list[tuple[bool, str]]:
     """(passed, what) for each check."""
     statuses = collections.Counter(facts.run_status.values())
     twice = sorted(t for t, n in facts.runs_per_trial.items() if n > 1)
@@ -154,8 +154,8 @@ def failures(facts: Facts, trials: int, worker_ips: list[str]) -> list[tuple[boo
     exposed = {name: sorted(a for a in addrs if not is_loopback(a)) for name, addrs in facts.listening.items()
                if name in ("postgres", "mlflow")}
     return [
-        (len(facts.nodes) > 1 and not foreign,
-         f"trials ran on {len(facts.nodes)} nodes, all Ray worker nodes"
+        (len(facts.nodes) > min(1, len(worker_ips) - 1) and not foreign,
+         f"trials ran on {len(facts.nodes)} of {len(worker_ips)} nodes, all Ray worker nodes"
          + (f" (not: {', '.join(foreign)})" if foreign else "")),
         (len(facts.runs_per_trial) == trials and not twice and statuses == {"FINISHED": trials},
          f"{len(facts.run_status)} trial runs in MLflow for {trials} trials, each trial once, all FINISHED "
@@ -191,7 +191,6 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> Outcome:
     if os.geteuid() == 0:
         folder.chmod(0o711)  # PostgreSQL runs as `postgres` and must reach its folder inside
     cluster = LocalCluster(folder, args.workers, pg_bin=pg_bin, python=sys.executable, env={"PYTHONPATH": str(ROOT)})
-    facts, checks, code = None, [], 1
     t0 = time.monotonic()
     with cluster:
         print(f"cluster up in {time.monotonic() - t0:.0f} s under {folder}: Ray {cluster.ray_address} (workers "
@@ -201,7 +200,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> Outcome:
         print("$ " + " ".join(cmd[1:]).replace("-m study.cli", "dynastudy", 1), file=out, flush=True)
         rc = run_sweep(cluster, cmd, folder / "logs" / "sweep.log", args.timeout, out)
         facts = collect(cluster, args.study)
-        checks = [(rc == 0, f"`dynastudy sweep` exited with {rc}"), *failures(facts, args.trials, cluster.worker_ips)]
+        checks = [(rc == 0, f"`dynastudy sweep` exited with {rc}"), *check(facts, args.trials, cluster.worker_ips)]
         print("\ntrials per node (tag dynastudy.node):", file=out)
         for node, n in sorted(facts.nodes.items()):
             print(f"  {node:<12} {n}", file=out)
