@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file, the project is not importable otherwise
     sys.path.insert(0, str(ROOT))
 
-from study.localcluster import LocalCluster, find_postgres_bin, is_loopback, stop_recorded  # noqa: E402
+from study.localcluster import (LocalCluster, find_postgres_bin, inherited_env, is_loopback,  # noqa: E402
+                                stop_recorded)
 
 TRIAL_TAGS = ("dynastudy.kind", "dynastudy.trial", "dynastudy.node")
 
@@ -87,7 +88,7 @@ def sweep_command(cluster: LocalCluster, args: argparse.Namespace, results: Path
 def run_sweep(cluster: LocalCluster, cmd: list[str], log: Path, timeout: float, out: TextIO) -> int:
     """The sweep as a user runs it (its own process, the cluster's token in its environment), its output
     followed into `out`; killed with its process group after `timeout` seconds (exit code 124 then)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env = inherited_env()
     env.update(cluster.client_env, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,

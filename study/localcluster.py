@@ -272,6 +272,14 @@ def is_loopback(address: str) -> bool:
 
 # ------------------------------------------------------------------------------------------------ PostgreSQL
 
+def inherited_env() -> dict[str, str]:
+    """This process's environment as the cluster's processes (services, and a sweep driving them) should get it: a
+    driver's MLFLOW_TRACKING_URI or RAY_ADDRESS must not leak into them, nor the single-node setting a local sweep
+    sets in its process (with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 `ray start` refuses to join a cluster)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+
+
 def find_postgres_bin() -> Path | None:
     """The folder of PostgreSQL's server programs (initdb, postgres): `pg_config --bindir`, else the newest
     /usr/lib/postgresql/<version>/bin (Debian keeps them off PATH). None when there is none."""
@@ -491,8 +499,7 @@ class LocalCluster:
 
     # -------------------------------------------------------------- the services
     def _env(self, **extra: str) -> dict[str, str]:
-        # A driver's MLFLOW_TRACKING_URI or RAY_ADDRESS must not leak into the services.
-        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+        env = inherited_env()
         env.update(self.extra_env)
         env.update(PYTHONUNBUFFERED="1", **extra)
         return env

@@ -86,7 +86,9 @@ def test_a_service_is_its_session_and_its_descendants(tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.timeout(420)
-def test_a_sweep_spreads_over_ray_worker_nodes_and_everything_stops():
+def test_a_sweep_spreads_over_ray_worker_nodes_and_everything_stops(monkeypatch):
+    # What a local sweep run earlier in this process leaves in its environment; the cluster must not inherit it.
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if find_postgres_bin() is None:
         _needs("PostgreSQL")
     try:
