@@ -2,7 +2,8 @@
 
 Dash was chosen because its figures are plotly's (the same figures go into the static report), callbacks are
 plain Python over the platform's own queries, partial updates (`Patch`) let the budget slider move a line and a
-star without resending thousands of points, and it serves from one Flask process with no JavaScript build.
+star without resending thousands of points, and it needs no JavaScript build. `serve` runs it under gunicorn: one
+worker process, so every page shares one `StudyCache`, with a thread per request.
 
 Four tabs: Pareto (study picker, val/test switch, MACs budget slider, best point under it as a config), Trial
 (curves, per-exit accuracy and MACs, the trial's frontier, method panels), Compare (several studies or methods,
