@@ -40,6 +40,11 @@ def _config_block(config: dict[str, Any], block_id: str) -> html.Div:
                                                         "overflow": "auto", "background": "#f7f7f7"})])
 
 
+def _budget(slider: float | None) -> float | None:
+    """The slider's log10 value as whole MACs, so the `dynastudy best --max-macs` shown answers the same."""
+    return None if slider is None else float(round(10 ** slider))
+
+
 def _marks(lo: float, hi: float) -> dict:
     ticks = np.arange(np.ceil(lo * 2) / 2, hi + 1e-9, 0.5)
     return {float(t): f"{10 ** t / 1e6:.3g}M" for t in ticks}
@@ -142,8 +147,8 @@ def create_app(cache: StudyCache, refresh_s: float = 5.0) -> dash.Dash:
             return figures.pareto_figure(pd.DataFrame(), split), "", "", None
         study = version["study"]
         points = cache.points(study)
-        budget = float(round(10 ** budget_log)) if budget_log is not None else None  # whole MACs: the command
-        if points.empty or budget is None:                                          # shown answers the same
+        budget = _budget(budget_log)
+        if points.empty or budget is None:
             return figures.pareto_figure(points, split, title=f"study {study}"), "", "no finished trial yet", None
         key = {**version, "split": split}  # what the figure on the page was drawn from
         if dash.ctx.triggered_id == "budget" and shown == key:
@@ -220,7 +225,7 @@ def create_app(cache: StudyCache, refresh_s: float = 5.0) -> dash.Dash:
         if points.empty:
             return options, html.P("No finished trial with a frontier in this selection yet.")
         if not budget or budget <= 0:  # no budget typed here: the Pareto tab's
-            budget = float(round(10 ** pareto_budget)) if pareto_budget is not None else None
+            budget = _budget(pareto_budget)
         fig = figures.pareto_figure(points, split, budget=budget, title="compare: " + ", ".join(studies))
         table, ref = figures.compare_table(points, budget)
         return options, [dcc.Graph(id="compare-graph", figure=fig, style={"height": "520px"}),
@@ -263,16 +268,7 @@ def _best_card(points: pd.DataFrame, budget: float, study: str) -> html.Div:
 
 
 def _compare_table(table: pd.DataFrame, ref_macs: float, budget: float | None) -> html.Div:
-    head = ["group", "trials", "points", "front", "hypervolume (acc x MMACs)", "best val_acc", "best test_acc",
-            "best MMACs", "trial"]
-    rows = []
-    for i, r in enumerate(table.itertuples()):
-        rows.append(html.Tr([html.Td(r.group), html.Td(r.trials), html.Td(r.points), html.Td(r.front),
-                             html.Td(f"{r.hypervolume / 1e6:.4f}"),
-                             html.Td("" if r.best_val_acc != r.best_val_acc else f"{r.best_val_acc:.4f}"),
-                             html.Td("" if r.best_test_acc != r.best_test_acc else f"{r.best_test_acc:.4f}"),
-                             html.Td("" if r.best_macs != r.best_macs else f"{r.best_macs / 1e6:.4g}"),
-                             html.Td(r.best_trial)]))
+    rows = [html.Tr([html.Td(c) for c in figures.compare_cells(r)]) for r in table.itertuples()]
     configs = [html.Details([html.Summary(f"config of the best {r.group} point"), _config_block(r.config,
                                                                                                   f"config-{i}")])
                for i, r in enumerate(table.itertuples()) if r.config]
@@ -280,7 +276,8 @@ def _compare_table(table: pd.DataFrame, ref_macs: float, budget: float | None) -
             f"{ref_macs / 1e6:.4g} M MACs); best points chosen on validation"
             + (f" under {budget / 1e6:.4g} M MACs." if budget else "; give a budget to pick them."))
     return html.Div(id="compare-table", style=_CARD, children=[
-        html.Table([html.Tr([html.Th(h, style={"textAlign": "left", "paddingRight": "10px"}) for h in head]),
+        html.Table([html.Tr([html.Th(h, style={"textAlign": "left", "paddingRight": "10px"})
+                             for h in figures.COMPARE_HEADER]),
                     *rows]), html.P(note, style={"color": "#555", "fontSize": "13px"}), *configs])
 
 

@@ -197,6 +197,20 @@ def compare_table(points: pd.DataFrame, budget: float | None,
     return pd.DataFrame(rows), ref
 
 
+COMPARE_HEADER = ("group", "trials", "points", "front", "hypervolume (acc x MMACs)", "best val_acc", "best test_acc",
+                  "best MMACs", "trial")
+
+
+def compare_cells(row) -> list[str]:
+    """One row of `compare_table` as the page and the report print it (COMPARE_HEADER's columns)."""
+    def num(v: float, fmt: str) -> str:
+        return "" if v != v else format(v, fmt)  # NaN: no point under the budget
+
+    return [str(row.group), str(row.trials), str(row.points), str(row.front), f"{row.hypervolume / 1e6:.4f}",
+            num(row.best_val_acc, ".4f"), num(row.best_test_acc, ".4f"), num(row.best_macs / 1e6, ".4g"),
+            str(row.best_trial)]
+
+
 def budget_range(points: pd.DataFrame) -> tuple[float, float]:
     """log10 of the smallest and largest MACs among the points (the budget slider's span)."""
     macs = points["macs"].to_numpy(float)

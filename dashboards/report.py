@@ -53,15 +53,9 @@ def _png(points: pd.DataFrame, split: str, budget: float | None, path: Path, tit
 
 
 def _table_html(table: pd.DataFrame, ref_macs: float, budget: float | None) -> str:
-    head = ("group", "trials", "points", "front", "hypervolume (acc x MMACs)", "best val_acc", "best test_acc",
-            "best MMACs", "trial")
-    rows = []
-    for r in table.itertuples():
-        cells = [r.group, r.trials, r.points, r.front, f"{r.hypervolume / 1e6:.4f}",
-                 "" if r.best_val_acc != r.best_val_acc else f"{r.best_val_acc:.4f}",
-                 "" if r.best_test_acc != r.best_test_acc else f"{r.best_test_acc:.4f}",
-                 "" if r.best_macs != r.best_macs else f"{r.best_macs / 1e6:.4g}", r.best_trial]
-        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    head = figures.COMPARE_HEADER
+    rows = ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in figures.compare_cells(r)) + "</tr>"
+            for r in table.itertuples()]
     configs = "".join(
         f"<details><summary>config of the best {html.escape(r.group)} point (dynastudy run --config FILE)"
         f"</summary><pre>{html.escape(yaml.safe_dump(r.config, sort_keys=False))}</pre></details>"
