@@ -1,4 +1,4 @@
-"""The `dynastudy` command line: sweep, run, pareto, best, describe, lesion, studies.
+"""The `dynastudy` command line: sweep, resume, run, pareto, best, describe, lesion, studies, dashboard, report.
 
 Bad input (unknown method, dataset, sampler or key, a value out of range, malformed YAML, an unreachable
 tracking URI or storage, an unknown study) ends with one line `dynastudy: error: ...` and exit code 2, before
@@ -22,6 +22,7 @@ import yaml
 from trainables.hparams import ConfigError
 
 EXIT_USAGE = 2
+EXIT_UNDELIVERED = 3  # the sweep ended, but MLflow writes wait on disk for the tracking server (`resume` sends them)
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
 
 
@@ -123,7 +124,6 @@ def _uri(args: argparse.Namespace) -> tuple[Path, str]:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from study import paths
     from study.runner import SweepSpec, run_sweep
-    from study.tracking import redact
 
     fixed = fixed_keys(args)
     if args.seed is not None and "seed" not in fixed:
@@ -140,22 +140,48 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         data_dir=args.data_dir or os.environ.get("DYNASTUDY_DATA"), concurrency=args.concurrency,
         sampler=args.sampler, scheduler=args.scheduler, seed=args.seed or 0, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_failures=args.max_failures,
-        ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"), choices=parse_choices(args.choice))
+        ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"), choices=parse_choices(args.choice),
+        storage_path=args.storage_path or os.environ.get("DYNASTUDY_STORAGE_PATH"),
+        tracking_timeout_s=args.tracking_timeout)
     print(f"study {spec.study}: {spec.trials} trials of {', '.join(methods)}, {spec.concurrency} at a time, "
           f"sampler {spec.sampler}, scheduler {spec.scheduler}")
-    result = run_sweep(spec)
+    return _sweep_outcome(args, run_sweep(spec), spec.study, uri)
+
+
+def _sweep_outcome(args: argparse.Namespace, result, study: str, uri: str) -> int:
+    """The end of `sweep` and `resume`: the summary line, then the Pareto front; 130 when interrupted, 3 when
+    tracking data is still waiting on disk for the server."""
+    from study.tracking import redact
+
     if result.interrupted:
-        print(f"sweep interrupted after {result.seconds:.0f}s: {len(result.outcomes)} of {spec.trials} trials "
-              "finished; unfinished trials are KILLED in MLflow and FAIL in Optuna", file=sys.stderr)
+        print(f"sweep interrupted after {result.seconds:.0f}s: {len(result.outcomes)} of {result.trials} trials "
+              f"finished; unfinished trials are KILLED in MLflow and FAIL in Optuna (`dynastudy resume --study "
+              f"{study}` continues the sweep)", file=sys.stderr)
         return 130
     print(f"sweep done in {result.seconds:.0f}s: {result.count('complete')} complete, "
           f"{result.count('stopped')} stopped early, {result.count('diverged') + result.count('error')} failed")
-    print(f"tracking: {redact(uri)}  (experiment {spec.study!r}, sweep run {result.parent_run_id})")
+    print(f"tracking: {redact(uri)}  (experiment {study!r}, sweep run {result.parent_run_id})")
+    if result.undelivered:
+        return EXIT_UNDELIVERED
     if result.count("complete"):
-        args.method, args.format, args.out, args.ref_macs = None, "table", None, None
+        args.study, args.method, args.format, args.out, args.ref_macs = study, None, "table", None, None
         args.by_method = args.all = False
         cmd_pareto(args)
     return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from study import paths
+    from study.runner import resume_sweep
+
+    root, uri = _uri(args)
+    result = resume_sweep(args.study, uri, args.storage or paths.default_storage(root), root,
+                          ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"),
+                          data_dir=args.data_dir)
+    if result is None:
+        print(f"study {args.study}: every sweep had finished; the saved tracking data is delivered")
+        return 0
+    return _sweep_outcome(args, result, args.study, uri)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -601,8 +627,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial (from its checkpoint)")
     s.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<results-dir>/optuna.db)")
     s.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray on loopback)")
+    s.add_argument("--storage-path", help="Tune's storage for checkpoints and sweep state, reached by every node: "
+                                          "an absolute shared path or s3://bucket/prefix (default: "
+                                          "DYNASTUDY_STORAGE_PATH, else <results-dir>/ray)")
+    s.add_argument("--tracking-timeout", type=float, default=300.0,
+                   help="seconds the sweep's end waits for an unreachable MLflow server before it keeps the "
+                        "writes on disk for `resume`")
     _common_tracking(s)
     s.set_defaults(func=cmd_sweep)
+
+    rs = sub.add_parser("resume", help="continue a study's interrupted sweep (driver killed, Ctrl-C) from Tune's "
+                                       "saved state and the trials' checkpoints; deliver tracking data kept on disk")
+    rs.add_argument("--study", required=True)
+    rs.add_argument("--storage", help="Optuna storage URL of the sweep (default: sqlite:///<results-dir>/optuna.db)")
+    rs.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray on loopback)")
+    rs.add_argument("--data-dir", help="dataset folder (default: the sweep's, else DYNASTUDY_DATA)")
+    _common_tracking(rs)
+    rs.set_defaults(func=cmd_resume)
 
     r = sub.add_parser("run", help="train one configuration in this process, logged to MLflow")
     r.add_argument("--config", help="YAML file of config keys (e.g. the output of `dynastudy best`)")

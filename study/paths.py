@@ -27,6 +27,11 @@ def ray_dir(root: Path) -> Path:
     return root / "ray"
 
 
+def undelivered_dir(root: Path) -> Path:
+    """MLflow writes a sweep could not deliver (the tracking server down at its end), one folder per sweep run."""
+    return root / "undelivered"
+
+
 def artifacts_dir(root: Path) -> Path:
     return root / "mlartifacts"
 

@@ -10,6 +10,7 @@ Tune runs the trials with `StudySearch` (Optuna, study kept in its RDB storage s
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -22,7 +23,9 @@ import optuna
 from study import paths
 from study.search import (METRICS, MODES, SAMPLERS, SCHEDULERS, SweepSpace, choice_applies, for_method, is_fixed,
                           make_sampler)
-from study.tracking import TAG_FAIL, TAG_PARENT, TAG_STOPPED, Tracker, check_reachable, redact
+from study.tracking import (TAG_FAIL, TAG_KIND, TAG_LOST, TAG_PARENT, TAG_RESUMES, TAG_STOPPED, TAG_TRACKING,
+                            TAG_TUNE_PATH,
+                            Tracker, check_reachable, redact)
 from trainables import data as data_lib
 from trainables.config import TrialConfig
 from trainables.hparams import ConfigError
@@ -30,6 +33,7 @@ from trainables.loop import RunContext
 from trainables.methods import get_method
 
 ASHA_MAX_T = 100_000  # reports; above any trial's (epochs, or pruning levels + 1)
+SPEC_FILE = "sweep.json"  # artifact of the sweep run: the SweepSpec, for `dynastudy resume`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +55,26 @@ class SweepSpec:
     max_failures: int = 2
     ray_address: str | None = None
     choices: dict[str, tuple] = dataclasses.field(default_factory=dict)  # keys searched over the user's values
+    storage_path: str | None = None  # Tune's storage: a shared absolute path or s3://...; None: <results>/ray
+    tracking_timeout_s: float = 300.0  # how long the sweep's end waits for an unreachable tracking server
+
+    # Where the sweep runs, not what it is: `dynastudy resume` takes these from its own flags.
+    SERVICE_FIELDS = ("results_dir", "tracking_uri", "storage", "ray_address")
+
+    def to_json(self) -> dict[str, Any]:
+        """The sweep as `dynastudy resume` reads it back (no service URL: those may hold passwords)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.SERVICE_FIELDS}
+        out["choices"] = {k: list(v) for k, v in self.choices.items()}
+        out["methods"] = list(self.methods)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], **services: Any) -> SweepSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        data["methods"] = tuple(data["methods"])
+        data["choices"] = {k: tuple(v) for k, v in data.get("choices", {}).items()}
+        return cls(**data, **services)
 
     def summary(self) -> dict[str, Any]:
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("fixed", "choices")}
@@ -78,6 +102,8 @@ class SweepResult:
     outcomes: list[TrialOutcome]
     seconds: float
     interrupted: bool = False
+    undelivered: int = 0  # MLflow writes kept on disk because the tracking server did not answer
+    trials: int = 0  # asked for
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -120,6 +146,37 @@ def check_storage(url: str, directions: list[str], study: str) -> int:
     if have != want:
         raise ConfigError(f"Optuna study {study!r} in {redact(url)} has directions {have}, not {want}")
     return len(storage.get_all_trials(storage.get_study_id_from_name(study), deepcopy=False))
+
+
+def tune_storage(storage_path: str | None, results_dir: Path):
+    """Tune's `storage_path` and pyarrow filesystem. Every node of a cluster must reach it: a shared filesystem
+    mounted at the same absolute path everywhere, or S3-compatible storage (`s3://bucket/prefix`; credentials and
+    endpoint from the usual AWS_* variables, e.g. AWS_ENDPOINT_URL for MinIO, on every node). Default:
+    <results-dir>/ray (one machine). A URL pyarrow cannot open, or an S3 bucket it cannot reach, is a one-line
+    error; nothing is written."""
+    if not storage_path:
+        return str(paths.ray_dir(results_dir)), None
+    if "://" not in storage_path:
+        if not storage_path.startswith("/"):
+            raise ConfigError(f"--storage-path {storage_path!r} must be an absolute path (the same on every node) "
+                              "or s3://bucket/prefix")
+        return storage_path, None
+    scheme = storage_path.split("://", 1)[0]
+    if scheme not in ("s3", "gs", "file"):
+        raise ConfigError(f"--storage-path {storage_path!r}: scheme {scheme!r} is not supported; valid: an absolute "
+                          "path, s3://bucket/prefix (S3 or S3-compatible, e.g. MinIO), gs://bucket/prefix")
+    import pyarrow.fs
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(storage_path)
+        bucket = path.split("/", 1)[0]
+        info = fs.get_file_info(bucket)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--storage-path {storage_path!r} is unusable: {first}") from None
+    if info.type == pyarrow.fs.FileType.NotFound:
+        raise ConfigError(f"--storage-path {storage_path!r}: bucket {bucket!r} does not exist")
+    return path, fs
 
 
 def fixed_for(method: str, fixed: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
@@ -232,43 +289,65 @@ def validate(spec: SweepSpec) -> Plan:
     if len(datasets) > 1:  # the data is loaded once and shared by every trial
         raise ConfigError(f"one sweep trains on one dataset, got {sorted(datasets)}")
     data_lib.check_source(datasets.pop(), spec.data_dir)
+    tune_storage(spec.storage_path, spec.results_dir)
+    if spec.tracking_timeout_s < 0:
+        raise ConfigError(f"--tracking-timeout={spec.tracking_timeout_s} must be 0 or more seconds")
     check_reachable(spec.tracking_uri)
     return Plan(probes, check_storage(spec.storage, MODES, spec.study))
 
 
 # ------------------------------------------------------------------------------------------------ progress
 
-def _progress_callback(tracker: Tracker, total: int, out: TextIO, outcomes: list[TrialOutcome]):
+def _progress_callback(box, total: int, out: TextIO, outcomes: list[TrialOutcome], ended: dict, done: int = 0):
+    """One line per finished trial. Its MLflow writes go through the driver's outbox `box`, so a tracking server
+    that is down never stalls Tune's loop: it closes the run of a trial Tune stopped or lost, and takes over what
+    an ended trial could not deliver (saved in its last checkpoint)."""
     from ray.tune import Callback
 
     class Progress(Callback):
-        """One line per finished trial; also closes the MLflow run of a trial Tune stopped or lost."""
+        def __init__(self, *live) -> None:  # arguments, not closure cells: the class itself is pickled too
+            self.live = live
+
+        def __getstate__(self) -> dict:
+            # Tune pickles its callbacks with the Tuner: the outbox and the output stream belong to this process
+            # (`dynastudy resume` brings its own).
+            return {"live": None}
 
         def _record(self, trial, status: str) -> None:
+            box, total, out, outcomes, _, done = self.live
             r = trial.last_result or {}
             run_id = r.get("mlflow_run_id")
             if status == "complete" and r.get("diverged"):
                 status = "diverged"
             elif status == "complete" and not r.get("final"):
                 status = "stopped"
-            # Tune may end a trial right after its last report (a scheduler's stop, even at the final epoch),
-            # before the trainable closes its run: close it here, whatever happened.
-            if run_id and tracker.status(run_id) == "RUNNING":
-                if status == "stopped":
-                    tracker.client.set_tag(run_id, TAG_STOPPED, f"after epoch {r.get('epoch')}")
-                if status == "error":
-                    tracker.fail(run_id, f"trial {trial.trial_id} failed: {trial.error_file or 'see the Ray log'}")
-                else:
-                    tracker.finish(run_id)
+            if run_id:
+                # Tune may end a trial right after its last report (a scheduler's stop, even at the final epoch),
+                # before the trainable closes its run: close it here, unless it has ended meanwhile.
+                tags = {TAG_STOPPED: f"after epoch {r.get('epoch')}"} if status == "stopped" else \
+                    {TAG_FAIL: f"trial {trial.trial_id} failed: {trial.error_file or 'see the Ray log'}"} \
+                    if status == "error" else {}
+                box.status(run_id, "FAILED" if status == "error" else "FINISHED", only_if_running=True, tags=tags)
+                if r.get("tracking_pending") and trial.checkpoint is not None:
+                    with trial.checkpoint.as_directory() as d:
+                        box.adopt(Path(d))
+                    # Queued after them: it arrives only once they have.
+                    box.tag(run_id, TAG_TRACKING, f"{r.get('tracking')}; the sweep's driver delivered them after "
+                                                  "the trial ended")
             o = TrialOutcome(trial.trial_id, str(r.get("method", trial.config.get("method", "?"))), status,
                              r.get("val_acc"), r.get("macs"), float(r.get("time_total_s", 0.0)), run_id)
             outcomes.append(o)
             acc = f"val_acc={o.val_acc:.4f}" if o.val_acc is not None else "val_acc=-"
             macs = f"macs={o.macs / 1e6:.2f}M" if o.macs is not None else "macs=-"
             extra = f"  ({r.get('fail_reason')})" if status == "diverged" else ""
+            if r.get("replayed"):
+                extra += "  (it had finished before the sweep was interrupted: its logged result, not retrained)"
             if r.get("notes"):
                 extra += f"\n    note: {r['notes']}"
-            print(f"[{len(outcomes)}/{total}] trial {o.trial_id} {o.method:<8} {status:<8} {acc} {macs} "
+            if r.get("tracking"):
+                extra += f"\n    tracking: {r['tracking']}" + (
+                    "; the sweep delivers the rest" if r.get("tracking_pending") else "")
+            print(f"[{done + len(outcomes)}/{total}] trial {o.trial_id} {o.method:<8} {status:<8} {acc} {macs} "
                   f"time={o.seconds:.0f}s{extra}", file=out, flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -277,7 +356,18 @@ def _progress_callback(tracker: Tracker, total: int, out: TextIO, outcomes: list
         def on_trial_error(self, iteration, trials, trial, **info):
             self._record(trial, "error")
 
-    return Progress()
+        def on_experiment_end(self, trials, **info):
+            # Also called when Ctrl-C ends the loop: counting the trials that ended tells the two apart (a
+            # resumed sweep's list holds the trials that ended before it, too).
+            self.live[4]["trials"] = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            r = trial.last_result or {}
+            where = f"epoch {r['epoch']}" if r.get("epoch") else "the start (no checkpoint yet)"
+            print(f"trial {trial.trial_id} failed (attempt {trial.run_metadata.num_failures}); retrying from "
+                  f"{where}", file=self.live[2], flush=True)
+
+    return Progress(box, total, out, outcomes, ended, done)
 
 
 # ------------------------------------------------------------------------------------------------ the sweep
@@ -310,18 +400,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
     return True
 
 
-def run_sweep(spec: SweepSpec, out: TextIO | None = None) -> SweepResult:
-    out = out or sys.stdout  # looked up per call: sys.stdout may have been replaced since import
-    plan = validate(spec)
-    if not spec.ray_address:
-        _local_ray_env()
-    import ray
-    from ray import tune
-
-    from study.searcher import StudySearch
-    from trainables.tune_adapter import TrialEnv, trainable
-
-    t0 = time.time()
+def _load_data(spec: SweepSpec, plan: Plan, out: TextIO):
     for url in (spec.tracking_uri, spec.storage):  # validated: now the folders of SQLite files may be made
         if (db := paths.sqlite_file(url)) is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
@@ -331,27 +410,38 @@ def run_sweep(spec: SweepSpec, out: TextIO | None = None) -> SweepResult:
                                    cfg0.data.image_size)
     for data_hp in {c.data for c in plan.probes}:  # sizes (val_size, subset) fit this dataset: fail here, not per trial
         data_lib.make_splits(arrays, data_hp)
+    return arrays
+
+
+def run_sweep(spec: SweepSpec, out: TextIO | None = None) -> SweepResult:
+    out = out or sys.stdout  # looked up per call: sys.stdout may have been replaced since import
+    plan = validate(spec)
+    if not spec.ray_address:
+        _local_ray_env()
+    from ray import tune
+
+    from study.searcher import StudySearch
+
+    t0 = time.time()
+    arrays = _load_data(spec, plan, out)
     if plan.existing_trials:
         print(f"study {spec.study} already has {plan.existing_trials} trials: adding {spec.trials}", file=out)
-
     tracker = Tracker(spec.tracking_uri)
     exp_id = tracker.ensure_experiment(spec.study, paths.artifacts_dir(spec.results_dir))
     parent = tracker.start_sweep(exp_id, spec.study, spec.summary())
-    started = False
-    outcomes: list[TrialOutcome] = []
-    status = "FAILED"
-    searcher = None
-    try:
-        started = init_ray(spec.ray_address)
-        device = "cuda" if spec.gpus_per_trial > 0 else "cpu"
-        env = TrialEnv(study=spec.study, fixed={m: fixed_for(m, spec.fixed, spec.methods) for m in spec.methods},
-                       tracking_uri=spec.tracking_uri, experiment_id=exp_id, parent_run_id=parent,
-                       context=RunContext(device=device, threads=max(1, int(spec.cpus_per_trial))))
-        # Offset the sampler seed by the trials already in the study: a second sweep stays reproducible but does
-        # not replay the first one's random start-up configurations.
-        searcher = StudySearch(space=SweepSpace(spec.methods, spec.fixed, spec.choices), metric=METRICS, mode=MODES,
-                               sampler=make_sampler(spec.sampler, spec.seed + plan.existing_trials),
-                               storage=optuna.storages.RDBStorage(spec.storage), study_name=spec.study)
+    name = f"{spec.study}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage_path, filesystem = tune_storage(spec.storage_path, spec.results_dir)
+    # What `dynastudy resume` needs: where Tune keeps this sweep's state, and the sweep itself (no secrets).
+    tracker.client.set_tag(parent, TAG_TUNE_PATH, f"{storage_path.rstrip('/')}/{name}")
+    tracker.log_artifacts(parent, {SPEC_FILE: json.dumps(spec.to_json(), indent=1)})
+
+    def make_tuner(trainable, callbacks):
+        # Offset the sampler seed by the trials already in the study: a second sweep stays reproducible but
+        # does not replay the first one's random start-up configurations.
+        searcher = StudySearch(space=SweepSpace(spec.methods, spec.fixed, spec.choices), metric=METRICS,
+                               mode=MODES, sampler=make_sampler(spec.sampler, spec.seed + plan.existing_trials),
+                               storage=optuna.storages.RDBStorage(spec.storage), study_name=spec.study,
+                               sweep_run_id=parent)
         scheduler = None
         if spec.scheduler == "asha":
             from ray.tune.schedulers import ASHAScheduler
@@ -361,45 +451,206 @@ def run_sweep(spec: SweepSpec, out: TextIO | None = None) -> SweepResult:
             # it must not stop a trial before its own end, and trials of a sweep may have different lengths.
             scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_acc", mode="max",
                                       max_t=ASHA_MAX_T, grace_period=1, reduction_factor=2)
-        resources = {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
-        tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(trainable, env=env, data=arrays), resources),
+        return tune.Tuner(
+            trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.trials,
                                         max_concurrent_trials=spec.concurrency, reuse_actors=True),
             run_config=tune.RunConfig(
-                name=f"{spec.study}-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=str(paths.ray_dir(spec.results_dir)), verbose=0,
-                callbacks=[_progress_callback(tracker, spec.trials, out, outcomes)],
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
-        )
+                name=name, storage_path=storage_path, storage_filesystem=filesystem, verbose=0,
+                callbacks=callbacks, checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
+
+    return _drive(spec, arrays, tracker, exp_id, parent, make_tuner, out, t0)
+
+
+def _drive(spec: SweepSpec, arrays, tracker: Tracker, exp_id: str, parent: str, make_tuner, out: TextIO,
+           t0: float, done: int = 0) -> SweepResult:
+    """Run (or continue) the sweep's Tuner on Ray; whatever happens, leave nothing of it RUNNING."""
+    import ray
+    from ray import tune
+
+    from study.outbox import Outbox
+    from trainables.tune_adapter import TrialEnv, bounded_http_retries, trainable
+
+    bounded_http_retries()
+    box = Outbox(tracker.client)
+    started = False
+    outcomes: list[TrialOutcome] = []
+    status = "FAILED"
+    tuner = None
+    try:
+        started = init_ray(spec.ray_address)
+        device = "cuda" if spec.gpus_per_trial > 0 else "cpu"
+        env = TrialEnv(study=spec.study, fixed={m: fixed_for(m, spec.fixed, spec.methods) for m in spec.methods},
+                       tracking_uri=spec.tracking_uri, experiment_id=exp_id, parent_run_id=parent,
+                       context=RunContext(device=device, threads=max(1, int(spec.cpus_per_trial))))
+        resources = {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
+        ended: dict[str, int] = {}
+        tuner = make_tuner(tune.with_resources(tune.with_parameters(trainable, env=env, data=arrays), resources),
+                           [_progress_callback(box, spec.trials, out, outcomes, ended, done)])
         tuner.fit()
-        # Tune catches Ctrl-C itself and returns: fewer finished trials than asked means an interrupted sweep.
-        status = "FINISHED" if len(outcomes) >= spec.trials else "KILLED"
+        # Tune catches Ctrl-C itself and returns: trials that did not end mean an interrupted sweep.
+        status = "FINISHED" if ended.get("trials", 0) >= spec.trials else "KILLED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        result = SweepResult(parent, outcomes, time.time() - t0, interrupted=status != "FINISHED")
-        _close_leftovers(tracker, exp_id, parent, searcher, status)
-        tracker.log_metrics(parent, {"trials_complete": result.count("complete"),
-                                     "trials_stopped": result.count("stopped"),
-                                     "trials_failed": result.count("error") + result.count("diverged"),
-                                     "sweep_time_s": result.seconds}, step=0)
-        tracker.finish(parent, status)
+        result = SweepResult(parent, outcomes, time.time() - t0, interrupted=status != "FINISHED", trials=spec.trials)
+        searcher = _searcher_of(tuner)
+        _close_leftovers(tracker, box, exp_id, parent, searcher, status, out)
+        box.metrics(parent, {"trials_complete": result.count("complete"), "trials_stopped": result.count("stopped"),
+                             "trials_failed": result.count("error") + result.count("diverged"),
+                             "sweep_time_s": result.seconds}, step=done)
+        box.status(parent, status)
+        result.undelivered = _deliver(box, spec, parent, out)
         if started:
             ray.shutdown()
     return result
 
 
-def _close_leftovers(tracker: Tracker, exp_id: str, parent: str, searcher, status: str) -> None:
+def _searcher_of(tuner):
+    """The StudySearch a Tuner runs with (after `Tuner.restore`, the one Tune restored), if any."""
+    try:
+        return tuner._local_tuner._tune_config.search_alg if tuner is not None else None
+    except AttributeError:
+        return None
+
+
+def _deliver(box, spec: SweepSpec, parent: str, out: TextIO) -> int:
+    """Wait for the driver's MLflow writes; what cannot arrive within `spec.tracking_timeout_s` is saved under the
+    results folder for `dynastudy resume` to deliver. Returns how many operations were left."""
+    left = box.flush(spec.tracking_timeout_s)
+    if box.delayed:
+        print(f"tracking: {box.summary()}", file=out, flush=True)
+    if not left:
+        box.close(timeout=1)
+        return 0
+    box.close(timeout=5)
+    folder = paths.undelivered_dir(spec.results_dir) / parent
+    folder.mkdir(parents=True, exist_ok=True)
+    box.save(folder)
+    print(f"tracking: {left} MLflow writes could not reach {redact(spec.tracking_uri)} within "
+          f"{spec.tracking_timeout_s:.0f} s ({box.last_error}); they are kept in {folder}: `dynastudy resume "
+          f"--study {spec.study}` delivers them once the server answers", file=sys.stderr, flush=True)
+    return left
+
+
+def _close_leftovers(tracker: Tracker, box, exp_id: str, parent: str, searcher, status: str, out: TextIO) -> None:
     """After an interrupted or failed sweep, nothing of it stays RUNNING: trial runs Tune stopped without a
-    callback are marked KILLED in MLflow and their Optuna trials FAIL."""
+    callback (or lost) are marked KILLED in MLflow and their Optuna trials FAIL."""
     reason = f"sweep ended ({status}) before the trial finished"
-    runs = tracker.client.search_runs([exp_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent}' and "
-                                                              "attributes.status = 'RUNNING'")
-    for run in runs:
-        tracker.client.set_tag(run.info.run_id, TAG_FAIL, reason)
-        tracker.finish(run.info.run_id, "KILLED")
     if searcher is not None:
         searcher.close_unfinished(reason)
+    box.flush(5.0)  # the trials' closing writes queued by the progress callback go first
+    try:
+        runs = tracker.client.search_runs([exp_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent}' and "
+                                                                  "attributes.status = 'RUNNING'")
+    except Exception as e:  # the tracking server is down: `dynastudy resume` looks again
+        print(f"tracking: could not look for unfinished trial runs ({type(e).__name__})", file=out)
+        return
+    for run in runs:
+        tags = {TAG_FAIL: reason}
+        if status == "FINISHED":  # every Tune trial has ended: a run still open belongs to none of them
+            tags[TAG_LOST] = "its trial was lost when the sweep's driver stopped"
+        box.status(run.info.run_id, "KILLED", only_if_running=True, tags=tags)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+def deliver_saved(tracker: Tracker, results_dir: Path, timeout_s: float, out: TextIO) -> int:
+    """Deliver the MLflow writes earlier sweeps kept on disk (`_deliver`); a folder goes once all of it arrived.
+    Returns how many operations arrived."""
+    import shutil
+
+    from study.outbox import Outbox
+
+    root = paths.undelivered_dir(results_dir)
+    arrived = 0
+    for folder in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
+        box = Outbox(tracker.client)
+        queued = box.adopt(folder)
+        left = box.flush(timeout_s)
+        box.close(timeout=5)
+        arrived += queued - left
+        if left:
+            print(f"tracking: {left} of {queued} saved MLflow writes in {folder} still cannot be delivered "
+                  f"({box.last_error})", file=out, flush=True)
+        else:
+            shutil.rmtree(folder)
+            print(f"tracking: delivered {queued} MLflow writes saved by sweep run {folder.name}", file=out, flush=True)
+    return arrived
+
+
+def resume_sweep(study: str, tracking_uri: str, storage: str, results_dir: Path, ray_address: str | None = None,
+                 data_dir: str | None = None, out: TextIO | None = None) -> SweepResult | None:
+    """Continue the study's latest sweep that did not finish (its driver killed or interrupted): Tune restores
+    the trials from its saved state (finished ones are not run again, interrupted ones continue from their
+    checkpoints), Optuna keeps its history in `storage`, and the trials log to the same MLflow runs under the
+    same sweep run, which is closed at the end. Writes saved while the tracking server was down are delivered
+    first. Returns None when there was only that to do."""
+    from study.tracking import check_readable
+
+    out = out or sys.stdout
+    check_study_name(study)
+    check_readable(tracking_uri)
+    tracker = Tracker(tracking_uri)
+    exp_id = tracker.experiment_id(study)
+    if exp_id is None:
+        known = ", ".join(tracker.studies()) or "none"
+        raise ConfigError(f"no study {study!r} in {redact(tracking_uri)} (studies there: {known})")
+    t0 = time.time()
+    delivered = deliver_saved(tracker, results_dir, 60.0, out)
+    sweeps = tracker.client.search_runs([exp_id], filter_string=f"tags.`{TAG_KIND}` = 'sweep'",
+                                        order_by=["attributes.start_time DESC"])
+    target = next((r for r in sweeps if r.info.status != "FINISHED"), None)
+    if target is None:
+        if delivered:
+            return None
+        raise ConfigError(f"study {study!r} has no interrupted sweep to resume: its {len(sweeps)} sweeps all "
+                          "FINISHED")
+    parent = target.info.run_id
+    tags, params = target.data.tags, target.data.params
+    if TAG_TUNE_PATH not in tags:
+        raise ConfigError(f"sweep run {parent} of study {study!r} predates resumable sweeps (no "
+                          f"{TAG_TUNE_PATH} tag); start a new sweep of the study instead")
+    if params.get("storage") not in (None, redact(storage)):
+        raise ConfigError(f"sweep run {parent} kept its Optuna study in {params['storage']}, not {redact(storage)}: "
+                          "pass the same --storage")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        spec_json = json.loads(Path(tracker.client.download_artifacts(parent, SPEC_FILE, d)).read_text())
+    spec = SweepSpec.from_json(spec_json, results_dir=results_dir, tracking_uri=tracking_uri, storage=storage,
+                               ray_address=ray_address)
+    spec = dataclasses.replace(spec, data_dir=data_dir or spec.data_dir or os.environ.get("DYNASTUDY_DATA"))
+    if not spec.ray_address:
+        _local_ray_env()
+    from ray import tune
+
+    path = tags[TAG_TUNE_PATH]
+    _, filesystem = tune_storage(spec.storage_path, spec.results_dir)
+    if not tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        raise ConfigError(f"Tune's state of sweep run {parent} is not at {path}: pass the --results-dir (or "
+                          "--storage-path) that sweep used")
+    plan = validate(spec)
+    arrays = _load_data(spec, plan, out)
+    ended = tracker.client.search_runs([exp_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent}' and "
+                                                              "attributes.status != 'RUNNING'")
+    done = sum(TAG_LOST not in r.data.tags for r in ended)
+    resumes = int(tags.get(TAG_RESUMES, "0")) + 1
+    print(f"resuming sweep run {parent} of study {study} ({done} of {spec.trials} trials had ended; Tune's state "
+          f"in {path})", file=out, flush=True)
+    tracker.client.update_run(parent, status="RUNNING")
+    tracker.client.set_tag(parent, TAG_RESUMES, str(resumes))
+
+    def make_tuner(trainable, callbacks):
+        # Finished trials stay finished; trials that were running continue from their last checkpoints; trials
+        # that had failed for good are not retried again.
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   storage_filesystem=filesystem)
+        # Tune restores the callbacks pickled with the first Tuner, with that process's outbox and output: ours
+        # replace them (Tune offers no public way; `Tuner.restore` takes no RunConfig).
+        tuner._local_tuner._run_config.callbacks = callbacks
+        return tuner
+
+    return _drive(spec, arrays, tracker, exp_id, parent, make_tuner, out, t0, done)

@@ -5,6 +5,12 @@ scheduler stopped after one epoch; in a multi-objective study that pulls the sam
 were never trained to the end (platforms.md section 5, pain point 3). `StudySearch` tells such a trial PRUNED
 (its partial values kept as user attributes) and a diverged trial FAIL with its reason, and records the MLflow
 run id and config hash on every Optuna trial, so the two stores can be joined.
+
+For `dynastudy resume`: every Optuna trial is marked with its sweep's MLflow run id and its Tune trial id when it
+is asked for. Tune restores this searcher from its last saved state; trials asked after that state was saved
+are unknown to it and would stay RUNNING in the storage forever, so `restore` tells them FAIL. A trial that
+finished after the saved state is run again by Tune (the trainable reports its logged result without
+training); telling Optuna about it a second time is a no-op.
 """
 
 from __future__ import annotations
@@ -13,11 +19,48 @@ import optuna
 from ray.tune.search.optuna import OptunaSearch
 
 
+LOST_REASON = "asked for after the sweep's last saved state; lost when its driver stopped (dynastudy resume)"
+
+
 class StudySearch(OptunaSearch):
     """OptunaSearch that tells Optuna PRUNED for early-stopped trials and FAIL for diverged ones."""
 
+    def __init__(self, *args, sweep_run_id: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sweep_run_id = sweep_run_id
+
+    def suggest(self, trial_id: str):
+        params = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and params is not None and self.sweep_run_id:
+            ot_trial.set_user_attr("sweep_run_id", self.sweep_run_id)
+            ot_trial.set_user_attr("tune_trial_id", trial_id)
+        return params
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self.fail_orphans()
+
+    def fail_orphans(self) -> int:
+        """Tell FAIL for this sweep's Optuna trials still RUNNING that this searcher does not know (asked after
+        its state was saved). Returns how many."""
+        known = {t.number for t in self._ot_trials.values()}
+        closed = 0
+        for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if t.number in known or t.user_attrs.get("sweep_run_id") != self.sweep_run_id:
+                continue
+            self._ot_study._storage.set_trial_user_attr(t._trial_id, "fail_reason", LOST_REASON)
+            self._ot_study.tell(t.number, None, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            closed += 1
+        return closed
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and trial_id not in self._completed_trials and \
+                self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+            # A resumed sweep re-ran a trial that ended after its saved state: Optuna has its result already.
+            self._completed_trials.add(trial_id)
+            return None
         if ot_trial is None or trial_id in self._completed_trials or not result:
             return super().on_trial_complete(trial_id, result, error)
         for key in ("mlflow_run_id", "config_hash", "method"):

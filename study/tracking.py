@@ -50,6 +50,12 @@ TAG_NODE = "dynastudy.node"
 TAG_FAIL = "dynastudy.fail_reason"
 TAG_STOPPED = "dynastudy.stopped_early"
 TAG_NOTES = "dynastudy.notes"
+TAG_NODES = "dynastudy.nodes"  # every node the trial ran on, in order (a retried trial moves)
+TAG_RESUMED = "dynastudy.resumed_from"  # the checkpoint the trial's last attempt started from
+TAG_TRACKING = "dynastudy.tracking"  # what waited for (or never reached) the tracking server
+TAG_LOST = "dynastudy.lost"  # a trial run `dynastudy resume` found orphaned (its trial was lost with the driver)
+TAG_TUNE_PATH = "dynastudy.tune_experiment"  # sweep run: where Tune keeps the sweep's state (for resume)
+TAG_RESUMES = "dynastudy.resumes"  # sweep run: how many times `dynastudy resume` continued it
 TAG_PARENT = "mlflow.parentRunId"
 FRONTIER = "frontier.parquet"
 COST = "cost.json"
@@ -169,25 +175,33 @@ class Tracker:
         return run.info.run_id
 
     # ------------------------------------------------------------------ trials
-    def find_trial(self, exp_id: str, parent_run_id: str, trial_id: str) -> str | None:
-        """The run already made for this trial (a retried trial must not make a second one)."""
+    def find_trial(self, exp_id: str, parent_run_id: str, trial_id: str, config_hash: str | None = None) -> str | None:
+        """The run already made for this trial (a retried trial must not make a second one). A run of the same
+        trial id but another configuration, or one `dynastudy resume` marked lost, is another trial."""
         runs = self.client.search_runs([exp_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' and "
-                                                               f"tags.`{TAG_TRIAL}` = '{trial_id}'", max_results=1)
-        return runs[0].info.run_id if runs else None
+                                                               f"tags.`{TAG_TRIAL}` = '{trial_id}'")
+        for run in runs:
+            tags = run.data.tags
+            if TAG_LOST not in tags and (config_hash is None or tags.get(TAG_HASH) == config_hash):
+                return run.info.run_id
+        return None
 
-    def start_trial(self, exp_id: str, parent_run_id: str | None, study: str, cfg, trial_id: str,
-                    kind: str = "trial") -> str:
+    def create_trial_run(self, exp_id: str, parent_run_id: str | None, study: str, cfg, trial_id: str,
+                         kind: str = "trial") -> str:
+        """The trial's run with its tags, and nothing else (one call: safe to retry after a failure)."""
         tags = {TAG_STUDY: study, TAG_KIND: kind, TAG_METHOD: cfg.method, TAG_TRIAL: trial_id,
                 TAG_HASH: cfg.config_hash(), TAG_NODE: node_name()}
         if parent_run_id:
             tags[TAG_PARENT] = parent_run_id
         run = self.client.create_run(exp_id, run_name=f"{trial_id}-{cfg.method}-{cfg.config_hash()[:8]}", tags=tags)
-        run_id = run.info.run_id
+        return run.info.run_id
+
+    def start_trial(self, exp_id: str, parent_run_id: str | None, study: str, cfg, trial_id: str,
+                    kind: str = "trial") -> str:
+        run_id = self.create_trial_run(exp_id, parent_run_id, study, cfg, trial_id, kind)
         self.log_params(run_id, cfg.to_flat())
         with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / CONFIG
-            path.write_text(yaml.safe_dump(cfg.to_flat(), sort_keys=False))
-            self.client.log_artifact(run_id, str(path))
+            self.client.log_artifact(run_id, str(write_config(cfg, Path(d))))
         return run_id
 
     def resume_trial(self, run_id: str) -> None:
@@ -213,15 +227,7 @@ class Tracker:
         if final.notes:
             self.client.set_tag(run_id, TAG_NOTES, "\n".join(final.notes)[:5000])
         with tempfile.TemporaryDirectory() as d:
-            final.frontier.to_parquet(Path(d) / FRONTIER, index=False)
-            (Path(d) / COST).write_text(json.dumps(final.cost.to_dict(), indent=1))
-            for name, table in final.tables.items():
-                table.to_parquet(Path(d) / f"{name}.parquet", index=False)
-            if final.weights is not None:
-                import torch
-
-                torch.save(final.weights, Path(d) / WEIGHTS)
-            for f in sorted(Path(d).iterdir()):
+            for f in final_files(final, Path(d)):
                 self.client.log_artifact(run_id, str(f))
 
     def log_artifacts(self, run_id: str, files: dict[str, Any]) -> None:
@@ -271,6 +277,28 @@ class Tracker:
 
     def status(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.status
+
+
+def write_config(cfg, folder: Path) -> Path:
+    """The trial's resolved config as `config.yaml` in `folder` (logged as an artifact, read by `load_trial`)."""
+    path = Path(folder) / CONFIG
+    path.write_text(yaml.safe_dump(cfg.to_flat(), sort_keys=False))
+    return path
+
+
+def final_files(final, folder: Path) -> list[Path]:
+    """A trial's result artifacts written into `folder`: the frontier, the cost card, the method's tables and the
+    trained weights."""
+    folder = Path(folder)
+    final.frontier.to_parquet(folder / FRONTIER, index=False)
+    (folder / COST).write_text(json.dumps(final.cost.to_dict(), indent=1))
+    for name, table in final.tables.items():
+        table.to_parquet(folder / f"{name}.parquet", index=False)
+    if final.weights is not None:
+        import torch
+
+        torch.save(final.weights, folder / WEIGHTS)
+    return sorted(folder.iterdir())
 
 
 def final_metrics(final) -> dict[str, float]:

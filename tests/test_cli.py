@@ -43,6 +43,9 @@ def _sweep(tmp_path, *extra):
     (["--choice", "model.depth=20", "--choice", "model.depth=32"], "--choice model.depth is given twice"),
     (["--choice", "model.nope=1,2"], "--choice model.nope=1 with method elastic: unknown config key 'model.nope'"),
     (["--choice", "policy.name"], "--choice 'policy.name' is not key=value1,value2,..."),
+    (["--storage-path", "rel/ray"], "--storage-path 'rel/ray' must be an absolute path"),
+    (["--storage-path", "ftp://host/x"], "scheme 'ftp' is not supported; valid: an absolute path, s3://"),
+    (["--tracking-timeout", "-1"], "--tracking-timeout=-1.0 must be 0 or more seconds"),
 ])
 def test_bad_sweep_input(tmp_path, capsys, extra, fragment):
     assert main(_sweep(tmp_path, *extra)) == 2
@@ -124,3 +127,23 @@ def test_console_script_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "study.cli", "pareto", "--study", "x", "--results-dir",
                         str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stdout == ""
+
+
+def test_resume_needs_an_interrupted_sweep(tmp_path, capsys):
+    from study.tracking import Tracker
+
+    res = tmp_path / "res"
+    assert main(["resume", "--study", "s", "--results-dir", str(res)]) == 2
+    assert "no tracking store at sqlite:///" in capsys.readouterr().err and not res.exists()
+    res.mkdir()
+    tracker = Tracker(f"sqlite:///{res}/mlflow.db")
+    exp = tracker.ensure_experiment("done", res / "mlartifacts")
+    tracker.finish(tracker.start_sweep(exp, "done", {"trials": 1}))
+    assert main(["resume", "--study", "nope", "--results-dir", str(res)]) == 2
+    assert "no study 'nope' in sqlite:///" in capsys.readouterr().err
+    assert main(["resume", "--study", "done", "--results-dir", str(res)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "dynastudy: error: study 'done' has no interrupted sweep to resume: its 1 sweeps all FINISHED"
+    old = tracker.start_sweep(exp, "done", {"trials": 1})  # RUNNING, but from before sweeps were resumable
+    assert main(["resume", "--study", "done", "--results-dir", str(res)]) == 2
+    assert f"sweep run {old} of study 'done' predates resumable sweeps" in capsys.readouterr().err

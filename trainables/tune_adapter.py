@@ -5,12 +5,19 @@ Tune's checkpoint when there is one (the MLflow run id travels in the checkpoint
 one run), runs `fit()`, logs each epoch to MLflow and reports it to Tune with a checkpoint. A diverging trial is
 reported once with `diverged=1` and its reason (the searcher tells Optuna FAIL) instead of raising, so Tune does
 not retry a deterministic failure. The only module of `trainables/` that imports Ray.
+
+MLflow writes go through an `Outbox` (study/outbox.py): training never waits for the tracking server. What has
+not arrived when a checkpoint is taken is saved in it, so a trial retried on another node, or the sweep's driver
+after the trial ended, delivers it; the last result says how much is still on its way (`tracking_pending`).
+Only the trial's run id is needed at once: a trial that starts while the server is down waits for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +31,7 @@ from trainables.loop import Diverged, RunContext, fit
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+END_FLUSH_S = 10.0  # how long an ending trial waits for its writes; the rest goes to the driver via the checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +44,7 @@ class TrialEnv:
     experiment_id: str
     parent_run_id: str
     context: RunContext
+    open_timeout_s: float = 600.0  # how long a starting trial waits for the tracking server (it needs a run id)
 
 
 def resolve_config(fixed: dict[str, Any], suggested: dict[str, Any]) -> TrialConfig:
@@ -44,48 +53,135 @@ def resolve_config(fixed: dict[str, Any], suggested: dict[str, Any]) -> TrialCon
     return TrialConfig.from_flat({**fixed, **{k: v for k, v in suggested.items() if ":" not in k and "[" not in k}})
 
 
-def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays) -> None:
-    from study.tracking import Tracker
+def bounded_http_retries() -> None:
+    """MLflow's HTTP client retries a failed request for about 4 minutes by default, blocking its caller; the
+    outbox retries by itself, so each attempt should fail fast. Set once per process, unless the user chose."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
+
+def _open_run(tracker, env: TrialEnv, cfg: TrialConfig, trial_id: str, run_id: str | None) -> tuple[str, bool]:
+    """The trial's MLflow run: the one its checkpoint names, else the one an earlier attempt made, else a new one.
+    Returns (run id, whether it existed)."""
+    from study.outbox import retry
+
+    if run_id is not None:
+        return run_id, True
+
+    def find_or_create() -> tuple[str, bool]:
+        found = tracker.find_trial(env.experiment_id, env.parent_run_id, trial_id, cfg.config_hash())
+        if found is not None:
+            return found, True
+        return tracker.create_trial_run(env.experiment_id, env.parent_run_id, env.study, cfg, trial_id), False
+
+    return retry(find_or_create, env.open_timeout_s, f"trial {trial_id}: opening its MLflow run",
+                 on_wait=lambda m: print(m, file=sys.stderr, flush=True))
+
+
+def _finished_result(tracker, env: TrialEnv, run_id: str) -> dict[str, Any] | None:
+    """The result a trial's run holds if the trial has finished (status FINISHED with its final metrics)."""
+    from study.outbox import retry
+
+    run = retry(lambda: tracker.client.get_run(run_id), env.open_timeout_s, f"reading run {run_id}")
+    m = run.data.metrics
+    if run.info.status != "FINISHED" or "test_acc" not in m or "val_acc" not in m:
+        return None
+    epochs = max((h.step for h in tracker.client.get_metric_history(run_id, "val_acc")), default=0)
+    return {"val_acc": m["val_acc"], "macs": m.get("macs"), "test_acc": m["test_acc"],
+            "macs_full": m.get("macs_full"), "epoch": epochs, "final": 1}
+
+
+def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays) -> None:
+    from study.outbox import Outbox
+    from study.tracking import (TAG_FAIL, TAG_NODE, TAG_NODES, TAG_NOTES, TAG_RESUMED, TAG_TRACKING, Tracker,
+                                final_files, final_metrics, node_name, write_config)
+
+    bounded_http_retries()
     cfg = resolve_config(env.fixed[config["method"]], config)
     trial_id = tune.get_context().get_trial_id()
     tracker = Tracker(env.tracking_uri)
-    state, run_id = None, None
+    box = Outbox(tracker.client)
+    state, meta = None, {}
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-            run_id = json.loads((Path(d) / META_FILE).read_text())["mlflow_run_id"]
-    run_id = run_id or tracker.find_trial(env.experiment_id, env.parent_run_id, trial_id)
-    if run_id is None:
-        run_id = tracker.start_trial(env.experiment_id, env.parent_run_id, env.study, cfg, trial_id)
-    else:
-        tracker.resume_trial(run_id)
-
+            if (Path(d) / STATE_FILE).is_file():  # a diverged trial's last checkpoint holds no state
+                state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+            meta = json.loads((Path(d) / META_FILE).read_text())
+            box.adopt(Path(d))  # what the attempt that wrote it had not delivered yet
+    run_id, existed = _open_run(tracker, env, cfg, trial_id, meta.get("mlflow_run_id"))
     common = {"mlflow_run_id": run_id, "config_hash": cfg.config_hash(), "method": cfg.method}
+    if existed and (logged := _finished_result(tracker, env, run_id)) is not None:
+        # It ended after the sweep's last saved state and `dynastudy resume` runs it again: its result stands.
+        box.close(timeout=0)
+        tune.report({**logged, **common, "replayed": 1})
+        return
     epoch = state["epoch"] if state else 0
+    nodes = [*meta.get("nodes", []), node_name()]
+    if existed:  # a retried trial continues its run: RUNNING again, without the failure of the attempt before
+        box.delete_tag(run_id, TAG_FAIL)
+        box.status(run_id, "RUNNING")
+        box.tag(run_id, TAG_NODE, nodes[-1])
+        if state is not None:
+            box.tag(run_id, TAG_RESUMED, f"epoch {epoch} (checkpoint), attempt {len(nodes)}, node {nodes[-1]}")
+    else:
+        box.params(run_id, cfg.to_flat())
+        with tempfile.TemporaryDirectory() as d:
+            box.artifact(run_id, write_config(cfg, Path(d)))
+    box.tag(run_id, TAG_NODES, ",".join(nodes))
+    # One point per attempt (step = attempt): the epoch it started from, 0 for a start from scratch.
+    box.metrics(run_id, {"attempt_start_epoch": epoch}, step=len(nodes))
+
+    def end(status: str, reason: str | None = None) -> dict[str, Any]:
+        """Queue the run's end, wait a little for the server, stop delivering: what is left rides on the
+        checkpoint (or is lost with a trial that raises, whose retry replays its last checkpoint instead)."""
+        if reason:
+            box.tag(run_id, TAG_FAIL, reason[:5000])
+        box.status(run_id, status)
+        box.flush(END_FLUSH_S)
+        if box.summary():
+            box.tag(run_id, TAG_TRACKING, box.summary())
+            box.flush(1.0)
+        pending = box.close()
+        return {"tracking_pending": pending, "tracking": box.summary()} if pending or box.summary() else {}
+
+    def report_to_tune(result: dict[str, Any], report=None) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            if report is not None:
+                torch.save(report.state(), Path(d) / STATE_FILE)
+            (Path(d) / META_FILE).write_text(json.dumps({"mlflow_run_id": run_id, "nodes": nodes}))
+            box.save(Path(d))
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
+
     try:
         for report in fit(cfg, make_splits(data, cfg.data), env.context, state):
             epoch = report.epoch
-            tracker.log_metrics(run_id, report.metrics, step=report.epoch)
+            box.metrics(run_id, report.metrics, step=report.epoch, skip_logged=existed)
             result = {**report.metrics, **common, "epoch": report.epoch, "final": 0}
             if report.final is not None:
-                tracker.log_final(run_id, report.final, step=report.epoch)
-                result.update(final=1, test_acc=report.final.test_acc, macs_full=report.final.cost.total)
-                if report.final.notes:
-                    result["notes"] = " | ".join(report.final.notes)
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(report.state(), Path(d) / STATE_FILE)
-                (Path(d) / META_FILE).write_text(json.dumps({"mlflow_run_id": run_id}))
-                tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
+                final = report.final
+                box.metrics(run_id, final_metrics(final), step=report.epoch)
+                if final.notes:
+                    box.tag(run_id, TAG_NOTES, "\n".join(final.notes)[:5000])
+                with tempfile.TemporaryDirectory() as d:
+                    for f in final_files(final, Path(d)):
+                        box.artifact(run_id, f)
+                result.update(final=1, test_acc=final.test_acc, macs_full=final.cost.total)
+                if final.notes:
+                    result["notes"] = " | ".join(final.notes)
+                result.update(end("FINISHED"))
+            report_to_tune(result, report)
     except Diverged as e:
-        tracker.fail(run_id, str(e))
         # Tune insists on the searched metrics in every result. val_acc 0 ranks a diverged trial last for ASHA;
         # StudySearch tells Optuna FAIL before either value is used.
-        tune.report({**common, "epoch": epoch, "final": 0, "diverged": 1, "fail_reason": str(e),
-                     "val_acc": 0.0, "macs": float("nan")})
+        report_to_tune({**common, "epoch": epoch, "final": 0, "diverged": 1, "fail_reason": str(e),
+                        "val_acc": 0.0, "macs": float("nan"), **end("FAILED", str(e))})
         return
     except Exception as e:
-        tracker.fail(run_id, f"{type(e).__name__}: {e}")
+        end("FAILED", f"{type(e).__name__}: {e}")
         raise
-    tracker.finish(run_id)
+    finally:
+        # Tune stopping the trial (a scheduler's decision) ends `tune.report` with SystemExit: what is queued is
+        # delivered in the background, since an actor reused for the next trial waits only 2 s for this thread.
+        box.detach()

@@ -1,0 +1,109 @@
+"""The outbox (study/outbox.py) against real MLflow stores: a SQLite store, and an HTTP tracking URI where no server
+listens (an outage). In seconds; the 30 s outage of a real server during a sweep is tests/test_crashes.py."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from study.localcluster import free_port
+from study.outbox import Outbox, is_transient, retry
+from study.tracking import Tracker
+
+
+@pytest.fixture()
+def store(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path}/m.db")
+    exp = tracker.ensure_experiment("s", tmp_path / "art")
+    return tracker, tracker.client.create_run(exp).info.run_id
+
+
+@pytest.fixture()
+def down(monkeypatch):
+    """A client of a tracking server that is not there (connection refused), failing fast."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    return MlflowClient(tracking_uri=f"http://127.0.0.1:{free_port()}")
+
+
+def test_writes_arrive_in_order_and_replays_add_nothing(store, tmp_path):
+    tracker, run = store
+    box = Outbox(tracker.client)
+    for step in (1, 2, 3):
+        box.metrics(run, {"val_acc": step / 10, "flag": True, "name": "x"}, step=step)  # non-numbers left out
+    box.params(run, {"lr": 0.1})
+    box.tag(run, "k", "v")
+    (tmp_path / "a.txt").write_text("hello")
+    box.artifact(run, tmp_path / "a.txt")
+    (tmp_path / "a.txt").unlink()  # the outbox copied it when it was queued
+    box.status(run, "FINISHED")
+    assert box.flush(30) == 0 and box.delivered == 7 and not box.summary()
+    history = tracker.client.get_metric_history(run, "val_acc")
+    assert [(m.step, m.value) for m in history] == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    got = tracker.client.get_run(run)
+    assert got.info.status == "FINISHED" and got.data.params == {"lr": "0.1"} and got.data.tags["k"] == "v"
+    assert set(got.data.metrics) == {"val_acc"}
+    assert [a.path for a in tracker.client.list_artifacts(run)] == ["a.txt"]
+
+    # What a checkpoint kept is delivered again after a crash: metrics keep their timestamps, so no duplicate.
+    again = Outbox(tracker.client)
+    again.metrics(run, {"val_acc": 0.3}, step=3, skip_logged=True)  # an epoch recomputed after a crash
+    again.metrics(run, {"val_acc": 0.4}, step=4, skip_logged=True)
+    assert again.flush(30) == 0
+    assert [(m.step, m.value) for m in tracker.client.get_metric_history(run, "val_acc")] == \
+        [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
+
+
+def test_an_outage_never_blocks_and_what_waits_is_saved_then_delivered(store, down, tmp_path):
+    tracker, run = store
+    box = Outbox(down, max_backoff_s=0.2)
+    t0 = time.monotonic()
+    box.metrics(run, {"val_acc": 0.5}, step=1)
+    box.tag(run, "k", "v")
+    (tmp_path / "f.bin").write_bytes(b"\x00\x01")
+    box.artifact(run, tmp_path / "f.bin")
+    box.status(run, "FINISHED")
+    assert time.monotonic() - t0 < 0.5  # queueing does not wait for the server
+    assert box.flush(1.0) == 4
+    assert box.close(timeout=5) == 4 and "not delivered" in box.summary() and box.last_error
+    with pytest.raises(RuntimeError):
+        box.tag(run, "late", "x")
+    saved = tmp_path / "ckpt"
+    saved.mkdir()
+    assert box.save(saved) == 4
+
+    # The server back (here: the run's own store): the saved writes arrive, in order.
+    later = Outbox(tracker.client)
+    assert later.adopt(saved) == 4 and later.flush(30) == 0
+    got = tracker.client.get_run(run)
+    assert got.info.status == "FINISHED" and got.data.tags["k"] == "v" and got.data.metrics["val_acc"] == 0.5
+    assert [a.path for a in tracker.client.list_artifacts(run)] == ["f.bin"]
+
+
+def test_a_write_the_store_refuses_is_dropped_and_counted(store):
+    tracker, run = store
+    box = Outbox(tracker.client)
+    box.params(run, {"lr": 0.1})
+    box.params(run, {"lr": 0.2})  # MLflow refuses to change a param
+    box.tag(run, "after", "yes")  # and the writes after it still arrive
+    assert box.flush(30) == 0
+    assert len(box.rejected) == 1 and "refused" in box.summary()
+    assert tracker.client.get_run(run).data.tags["after"] == "yes"
+
+
+def test_only_what_may_succeed_later_is_retried(down, store):
+    tracker, run = store
+    with pytest.raises(Exception) as e:
+        down.get_run(run)
+    assert is_transient(e.value)
+    tracker.client.log_param(run, "p", "1")
+    with pytest.raises(Exception) as e:
+        tracker.client.log_param(run, "p", "2")
+    assert not is_transient(e.value)
+    t0 = time.monotonic()
+    with pytest.raises(Exception):
+        retry(lambda: down.get_run(run), deadline_s=1.0, what="reading", pause_s=0.2)
+    assert time.monotonic() - t0 < 5
+    calls = []
+    assert retry(lambda: calls.append(1) or len(calls), deadline_s=1.0, what="x") == 1
