@@ -75,7 +75,7 @@ class _Study:
     runs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # run id -> summary
     points: dict[str, pd.DataFrame] = dataclasses.field(default_factory=dict)  # finished run id -> its frontier
     seen_end: int = 0  # largest end_time (ms) read so far
-    checked: float = 0.0  # time.monotonic() of the last refresh
+    checked: float = float("-inf")  # time.monotonic() of the last refresh (none yet: the clock may be near 0)
     version: int = 0  # bumped whenever runs or points change
     frame: tuple[int, pd.DataFrame] | None = None  # (version, all points) last assembled
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
