@@ -34,7 +34,7 @@ tools:
 	@sh scripts/install-test-tools.sh
 
 test: $(STAMP) tools
-	DYNASTUDY_DATA=$(DATA) $(BIN)/python -m pytest -q
+	DYNASTUDY_DATA=$(DATA) $(BIN)/python -m pytest -q --durations=25
 
 clean:
 	rm -rf $(VENV) build *.egg-info

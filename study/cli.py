@@ -121,6 +121,11 @@ def _uri(args: argparse.Namespace) -> tuple[Path, str]:
     return root, args.tracking_uri or default_tracking_uri(root)
 
 
+def _abs(path: str | None) -> str | None:
+    """A folder as an absolute path: the sweep records it for `resume`, which may run from elsewhere."""
+    return str(Path(path).expanduser().resolve()) if path else None
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from study import paths
     from study.runner import SweepSpec, run_sweep
@@ -137,7 +142,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec = SweepSpec(
         study=args.study, methods=methods, trials=args.trials, fixed=fixed, results_dir=root, tracking_uri=uri,
         storage=args.storage or paths.default_storage(root),
-        data_dir=args.data_dir or os.environ.get("DYNASTUDY_DATA"), concurrency=args.concurrency,
+        data_dir=_abs(args.data_dir or os.environ.get("DYNASTUDY_DATA")), concurrency=args.concurrency,
         sampler=args.sampler, scheduler=args.scheduler, seed=args.seed or 0, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_failures=args.max_failures,
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"), choices=parse_choices(args.choice),
@@ -177,7 +182,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     root, uri = _uri(args)
     result = resume_sweep(args.study, uri, args.storage or paths.default_storage(root), root,
                           ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"),
-                          data_dir=args.data_dir)
+                          data_dir=_abs(args.data_dir))
     if result is None:
         print(f"study {args.study}: every sweep had finished; the saved tracking data is delivered")
         return 0

@@ -530,7 +530,7 @@ def _deliver(box, spec: SweepSpec, parent: str, out: TextIO) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     box.save(folder)
     print(f"tracking: {left} MLflow writes could not reach {redact(spec.tracking_uri)} within "
-          f"{spec.tracking_timeout_s:.0f} s ({box.last_error}); they are kept in {folder}: `dynastudy resume "
+          f"{spec.tracking_timeout_s:g} s ({box.last_error}); they are kept in {folder}: `dynastudy resume "
           f"--study {spec.study}` delivers them once the server answers", file=sys.stderr, flush=True)
     return left
 

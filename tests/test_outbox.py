@@ -107,3 +107,29 @@ def test_only_what_may_succeed_later_is_retried(down, store):
     assert time.monotonic() - t0 < 5
     calls = []
     assert retry(lambda: calls.append(1) or len(calls), deadline_s=1.0, what="x") == 1
+
+
+def test_what_a_sweep_could_not_deliver_waits_on_disk_for_resume(store, down, tmp_path, capsys):
+    """The sweep's end (`runner._deliver`) keeps what the server never took under <results>/undelivered/<sweep run>;
+    `dynastudy resume` (`runner.deliver_saved`) sends it once the store answers, then removes it."""
+    import io
+
+    from study.runner import SweepSpec, _deliver, deliver_saved
+
+    tracker, run = store
+    res = tmp_path / "res"
+    spec = SweepSpec(study="s", methods=("elastic",), trials=1, fixed={}, results_dir=res,
+                     tracking_uri="http://127.0.0.1:9", storage="sqlite:////x.db", tracking_timeout_s=0.5)
+    box = Outbox(down, max_backoff_s=0.2)
+    box.metrics(run, {"trials_complete": 1}, step=0)
+    box.status(run, "FINISHED")
+    assert _deliver(box, spec, run, io.StringIO()) == 2
+    err = capsys.readouterr().err
+    assert "2 MLflow writes could not reach http://127.0.0.1:9 within 0.5 s" in err and "dynastudy resume" in err
+    assert (res / "undelivered" / run / "outbox.jsonl").is_file()
+
+    out = io.StringIO()
+    assert deliver_saved(tracker, res, 30, out) == 2 and "delivered 2 MLflow writes" in out.getvalue()
+    got = tracker.client.get_run(run)
+    assert got.info.status == "FINISHED" and got.data.metrics["trials_complete"] == 1
+    assert list((res / "undelivered").iterdir()) == []
