@@ -24,8 +24,7 @@ from study import paths
 from study.search import (METRICS, MODES, SAMPLERS, SCHEDULERS, SweepSpace, choice_applies, for_method, is_fixed,
                           make_sampler)
 from study.tracking import (TAG_FAIL, TAG_KIND, TAG_LOST, TAG_PARENT, TAG_RESUMES, TAG_STOPPED, TAG_TRACKING,
-                            TAG_TUNE_PATH,
-                            Tracker, check_reachable, redact)
+                            TAG_TUNE_PATH, Tracker, check_reachable, redact)
 from trainables import data as data_lib
 from trainables.config import TrialConfig
 from trainables.hparams import ConfigError
@@ -305,16 +304,17 @@ def _progress_callback(box, total: int, out: TextIO, outcomes: list[TrialOutcome
     from ray.tune import Callback
 
     class Progress(Callback):
-        def __init__(self, *live) -> None:  # arguments, not closure cells: the class itself is pickled too
-            self.live = live
+        # Arguments, not closure cells: Tune pickles its callbacks with the Tuner, this class included.
+        def __init__(self, box, total: int, out: TextIO, outcomes: list[TrialOutcome], ended: dict, done: int):
+            self.box, self.total, self.out, self.outcomes, self.ended, self.done = \
+                box, total, out, outcomes, ended, done
 
         def __getstate__(self) -> dict:
-            # Tune pickles its callbacks with the Tuner: the outbox and the output stream belong to this process
-            # (`dynastudy resume` brings its own).
-            return {"live": None}
+            # The outbox and the output stream belong to this process (`dynastudy resume` brings its own).
+            return {}
 
         def _record(self, trial, status: str) -> None:
-            box, total, out, outcomes, _, done = self.live
+            box, out, outcomes = self.box, self.out, self.outcomes
             r = trial.last_result or {}
             run_id = r.get("mlflow_run_id")
             if status == "complete" and r.get("diverged"):
@@ -347,7 +347,7 @@ def _progress_callback(box, total: int, out: TextIO, outcomes: list[TrialOutcome
             if r.get("tracking"):
                 extra += f"\n    tracking: {r['tracking']}" + (
                     "; the sweep delivers the rest" if r.get("tracking_pending") else "")
-            print(f"[{done + len(outcomes)}/{total}] trial {o.trial_id} {o.method:<8} {status:<8} {acc} {macs} "
+            print(f"[{self.done + len(outcomes)}/{self.total}] trial {o.trial_id} {o.method:<8} {status:<8} {acc} {macs} "
                   f"time={o.seconds:.0f}s{extra}", file=out, flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -359,13 +359,13 @@ def _progress_callback(box, total: int, out: TextIO, outcomes: list[TrialOutcome
         def on_experiment_end(self, trials, **info):
             # Also called when Ctrl-C ends the loop: counting the trials that ended tells the two apart (a
             # resumed sweep's list holds the trials that ended before it, too).
-            self.live[4]["trials"] = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+            self.ended["trials"] = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             r = trial.last_result or {}
             where = f"epoch {r['epoch']}" if r.get("epoch") else "the start (no checkpoint yet)"
             print(f"trial {trial.trial_id} failed (attempt {trial.run_metadata.num_failures}); retrying from "
-                  f"{where}", file=self.live[2], flush=True)
+                  f"{where}", file=self.out, flush=True)
 
     return Progress(box, total, out, outcomes, ended, done)
 

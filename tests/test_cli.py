@@ -129,8 +129,10 @@ def test_console_script_exit_code(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stdout == ""
 
 
-def test_resume_needs_an_interrupted_sweep(tmp_path, capsys):
+def test_resume_needs_an_interrupted_sweep(tmp_path, capsys, monkeypatch):
     from study.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # an earlier mlflow.set_tracking_uri() sets it
 
     res = tmp_path / "res"
     assert main(["resume", "--study", "s", "--results-dir", str(res)]) == 2
