@@ -81,6 +81,7 @@ class Outbox:
         self._detached = False  # deliver what is queued, then end
         self._thread: threading.Thread | None = None
         self._current: dict | None = None
+        self._last_ts = 0  # ms of the last metrics queued
         self._spool = Path(tempfile.mkdtemp(prefix="dynastudy-outbox-"))  # copies of queued artifact files
         weakref.finalize(self, shutil.rmtree, str(self._spool), True)
         # Counters for the trial's status: how many writes had to wait, for how long, and what was refused.
@@ -94,7 +95,10 @@ class Outbox:
     def metrics(self, run_id: str, metrics: dict[str, Any], step: int, skip_logged: bool = False) -> None:
         """Queue numeric metrics at `step`. `skip_logged`: leave out a key whose history already reaches `step`
         (an epoch recomputed after a crash, whose first values may have arrived before the crash)."""
-        ts = int(time.time() * 1000)
+        # Strictly increasing timestamps: MLflow ranks two values of a key at one step by timestamp (then by value),
+        # so a later write (a trial's final val_acc after its last epoch's) must carry a later one.
+        with self._cond:
+            ts = self._last_ts = max(int(time.time() * 1000), self._last_ts + 1)
         items = [[k, float(v), ts, int(step)] for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if items:

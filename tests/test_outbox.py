@@ -44,6 +44,12 @@ def test_writes_arrive_in_order_and_replays_add_nothing(store, tmp_path):
     got = tracker.client.get_run(run)
     assert got.info.status == "FINISHED" and got.data.params == {"lr": "0.1"} and got.data.tags["k"] == "v"
     assert set(got.data.metrics) == {"val_acc"}
+
+    # Two values of a key at one step (an epoch's val_acc, then the trial's final one): the later one is the run's.
+    box2 = Outbox(tracker.client)
+    box2.metrics(run, {"loss": 0.9}, step=5)
+    box2.metrics(run, {"loss": 0.1}, step=5)
+    assert box2.flush(30) == 0 and tracker.client.get_run(run).data.metrics["loss"] == 0.1
     assert [a.path for a in tracker.client.list_artifacts(run)] == ["a.txt"]
 
     # What a checkpoint kept is delivered again after a crash: metrics keep their timestamps, so no duplicate.
