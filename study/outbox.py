@@ -266,6 +266,8 @@ class Outbox:
             try:
                 self._deliver(op)
                 self.delivered += 1
+                if op["op"] == "artifact" and Path(op["file"]).parent.parent == self._spool:
+                    shutil.rmtree(Path(op["file"]).parent, ignore_errors=True)  # our copy (a model may be large)
                 if first_failure is not None:
                     self.delayed += 1
                     self.longest_wait_s = max(self.longest_wait_s, time.monotonic() - first_failure)

@@ -39,6 +39,7 @@ def test_writes_arrive_in_order_and_replays_add_nothing(store, tmp_path):
     (tmp_path / "a.txt").unlink()  # the outbox copied it when it was queued
     box.status(run, "FINISHED")
     assert box.flush(30) == 0 and box.delivered == 7 and not box.summary()
+    assert list(box._spool.iterdir()) == []  # its copy of a delivered artifact is gone
     history = tracker.client.get_metric_history(run, "val_acc")
     assert [(m.step, m.value) for m in history] == [(1, 0.1), (2, 0.2), (3, 0.3)]
     got = tracker.client.get_run(run)
