@@ -195,11 +195,15 @@ class Outbox:
             if op["op"] == "artifact":
                 dest = files / str(i) / Path(op["file"]).name
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(op["file"], dest)
+                try:
+                    shutil.copy2(op["file"], dest)
+                except FileNotFoundError:  # it was in flight and has arrived meanwhile (its copy is gone)
+                    continue
                 op = {**op, "file": f"{FILES_DIR}/{i}/{dest.name}"}
             lines.append(json.dumps(op))
-        (Path(folder) / OPS_FILE).write_text("\n".join(lines) + "\n")
-        return len(ops)
+        if lines:
+            (Path(folder) / OPS_FILE).write_text("\n".join(lines) + "\n")
+        return len(lines)
 
     @staticmethod
     def load(folder: Path) -> list[dict]:

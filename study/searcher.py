@@ -15,6 +15,8 @@ training); telling Optuna about it a second time is a no-op.
 
 from __future__ import annotations
 
+import time
+
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
@@ -28,6 +30,7 @@ class StudySearch(OptunaSearch):
     def __init__(self, *args, sweep_run_id: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.sweep_run_id = sweep_run_id
+        self.started = time.time()  # pickled with the searcher: `fail_orphans` reads it in the resumed sweep
 
     def suggest(self, trial_id: str):
         params = super().suggest(trial_id)
@@ -43,11 +46,16 @@ class StudySearch(OptunaSearch):
 
     def fail_orphans(self) -> int:
         """Tell FAIL for this sweep's Optuna trials still RUNNING that this searcher does not know (asked after
-        its state was saved). Returns how many."""
+        its state was saved). Returns how many. A trial is this sweep's by its mark, or, when the driver died
+        between asking for it and marking it (right after a trial ended, Tune asks at once), by having started
+        unmarked while this sweep ran."""
         known = {t.number for t in self._ot_trials.values()}
         closed = 0
         for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            if t.number in known or t.user_attrs.get("sweep_run_id") != self.sweep_run_id:
+            mark = t.user_attrs.get("sweep_run_id")
+            ours = mark == self.sweep_run_id or (mark is None and t.datetime_start is not None and
+                                                 t.datetime_start.timestamp() >= getattr(self, "started", 0))
+            if t.number in known or not ours:
                 continue
             self._ot_study._storage.set_trial_user_attr(t._trial_id, "fail_reason", LOST_REASON)
             self._ot_study.tell(t.number, None, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
