@@ -42,6 +42,7 @@ class StudySearch(OptunaSearch):
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
+        self.restored = True
         self.fail_orphans()
 
     def fail_orphans(self) -> int:
@@ -64,8 +65,9 @@ class StudySearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None and trial_id not in self._completed_trials and \
-                self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+        # Only a resumed sweep re-runs trials, so only it pays for the extra read.
+        if getattr(self, "restored", False) and ot_trial is not None and trial_id not in self._completed_trials \
+                and self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
             # A resumed sweep re-ran a trial that ended after its saved state: Optuna has its result already.
             self._completed_trials.add(trial_id)
             return None

@@ -69,3 +69,29 @@ def build_dyn_study(res: Path, cifar_dir: Path) -> dict:
             "2", "--reorder-swaps", "1", "--format", "json", "--data-dir", str(cifar_dir), "--results-dir",
             str(res)).stdout)
     return {"res": res, "uri": uri, "lesions": lesions, "lesioned": {m: by_method[m].info.run_id for m in lesions}}
+
+
+def cluster_folder() -> Path:
+    """What a local cluster (study/localcluster.py) needs, else skip (fail under CI=true): PostgreSQL's server
+    programs and psycopg2. Returns a new folder for it: short (Ray's socket paths) and searchable by the
+    `postgres` user when run as root, so not under pytest's tmp."""
+    import tempfile
+
+    import pytest
+
+    from study.localcluster import find_postgres_bin
+
+    missing = "PostgreSQL" if find_postgres_bin() is None else None
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        missing = missing or "psycopg2"
+    if missing:
+        message = f"{missing} is not installed (Debian: apt-get install postgresql; pip install -e '.[test]')"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    folder = Path(tempfile.mkdtemp(prefix="dsc-", dir="/tmp"))
+    if os.geteuid() == 0:
+        folder.chmod(0o711)
+    return folder

@@ -15,24 +15,16 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from study.localcluster import (Service, _start, find_postgres_bin, is_loopback, process_table, running,
-                                stop_services)
+from stack import cluster_folder
+from study.localcluster import Service, _start, is_loopback, process_table, running, stop_services
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIALS = 6
-
-
-def _needs(what: str) -> None:
-    message = f"{what} is not installed (Debian: apt-get install postgresql; pip install -e '.[test]')"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def _script():
@@ -89,15 +81,8 @@ def test_a_service_is_its_session_and_its_descendants(tmp_path):
 def test_a_sweep_spreads_over_ray_worker_nodes_and_everything_stops(monkeypatch):
     # What a local sweep run earlier in this process leaves in its environment; the cluster must not inherit it.
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if find_postgres_bin() is None:
-        _needs("PostgreSQL")
-    try:
-        import psycopg2  # noqa: F401
-    except ImportError:
-        _needs("psycopg2")
+    folder = cluster_folder()
     script = _script()
-    # Short (Ray's socket paths) and searchable by the `postgres` user when run as root: not under pytest's tmp.
-    folder = Path(tempfile.mkdtemp(prefix="dsc-", dir="/tmp"))
     out = io.StringIO()
     t0 = time.monotonic()
     try:

@@ -21,12 +21,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from stack import cluster_folder
 from study.localcluster import LocalCluster, find_postgres_bin, inherited_env
 
 pytestmark = [pytest.mark.e2e]
@@ -37,25 +37,9 @@ EPOCHS = 6
 ARTIFACTS = ROOT / "test-artifacts"
 
 
-def _needs(what: str) -> None:
-    message = f"{what} is not installed (Debian: apt-get install postgresql; pip install -e '.[test]')"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    if find_postgres_bin() is None:
-        _needs("PostgreSQL")
-    try:
-        import psycopg2  # noqa: F401
-    except ImportError:
-        _needs("psycopg2")
-    # Short (Ray's socket paths) and searchable by the `postgres` user when run as root: not under pytest's tmp.
-    folder = Path(tempfile.mkdtemp(prefix="dsx-", dir="/tmp"))
-    if os.geteuid() == 0:
-        folder.chmod(0o711)
+    folder = cluster_folder()
     # Faster detection of a dead node than Ray's default (about 30 s): the worker-kill test waits for it.
     env = {"PYTHONPATH": str(ROOT), "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5",
            "RAY_health_check_timeout_ms": "1000"}
@@ -156,7 +140,8 @@ def _check_study(cluster: LocalCluster, study: str) -> dict:
     runs = _trial_runs(cluster, study)
     live = [r for r in runs if "dynastudy.lost" not in r.data.tags]
     per_trial = collections.Counter(r.data.tags["dynastudy.trial"] for r in live)
-    assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []
+    assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == [], \
+        [r.data.tags for r in runs if r.info.status == "RUNNING"]
     assert len(live) == TRIALS and set(per_trial.values()) == {1}, per_trial
     assert {r.info.status for r in live} == {"FINISHED"}
     for run in live:
