@@ -23,6 +23,7 @@ SPACES: dict[str, str] = {
     "lottery": "search_spaces.lottery",
     "sdn": "search_spaces.sdn",
     "msdnet": "search_spaces.msdnet",
+    "nb201": "search_spaces.nb201",
 }
 
 SpaceFn = Callable[[Any], "dict[str, Any] | None"]

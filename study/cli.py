@@ -147,7 +147,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         gpus_per_trial=args.gpus_per_trial, max_failures=args.max_failures,
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"), choices=parse_choices(args.choice),
         storage_path=args.storage_path or os.environ.get("DYNASTUDY_STORAGE_PATH"),
-        tracking_timeout_s=args.tracking_timeout)
+        tracking_timeout_s=args.tracking_timeout, objective=args.objective)
     print(f"study {spec.study}: {spec.trials} trials of {', '.join(methods)}, {spec.concurrency} at a time, "
           f"sampler {spec.sampler}, scheduler {spec.scheduler}")
     return _sweep_outcome(args, run_sweep(spec), spec.study, uri)
@@ -197,6 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from trainables import data as data_lib
     from trainables.config import TrialConfig
     from trainables.loop import RunContext, fit
+    from trainables.methods import get_method
 
     fixed = fixed_keys(args)
     if args.method:
@@ -205,10 +206,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_study_name(args.study)
     root, uri = _uri(args)
     data_dir = args.data_dir or os.environ.get("DYNASTUDY_DATA")
-    data_lib.check_source(cfg.data.dataset, data_dir)
+    tabular = getattr(get_method(cfg.method), "TABULAR", False)  # looks its results up: no data
+    if not tabular:
+        data_lib.check_source(cfg.data.dataset, data_dir)
     check_reachable(uri)
-    arrays = data_lib.load_dataset(cfg.data.dataset, data_dir, paths.cache_dir(root), cfg.data.image_size)
-    splits = data_lib.make_splits(arrays, cfg.data)  # a size that does not fit fails before any run exists
+    splits = None
+    if not tabular:
+        arrays = data_lib.load_dataset(cfg.data.dataset, data_dir, paths.cache_dir(root), cfg.data.image_size)
+        splits = data_lib.make_splits(arrays, cfg.data)  # a size that does not fit fails before any run exists
     tracker = Tracker(uri)
     exp_id = tracker.ensure_experiment(args.study, paths.artifacts_dir(root))
     run_id = tracker.start_trial(exp_id, None, args.study, cfg, f"run-{time.strftime('%Y%m%d-%H%M%S')}", kind="run")
@@ -221,7 +226,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"level {int(m['level'])}/{report.epochs - 1} density={m['density']:.4f} "
                       f"val_acc={m['val_acc']:.4f} sparse_macs={m['sparse_macs'] / 1e6:.2f}M "
                       f"({m['level_time_s']:.0f}s)", flush=True)
-            else:
+            elif "train_loss" in m:
                 print(f"epoch {report.epoch}/{report.epochs} train_loss={m['train_loss']:.4f} "
                       f"val_acc={m['val_acc']:.4f} ({m['epoch_time_s']:.0f}s)", flush=True)
             if report.final is not None:
@@ -376,14 +381,17 @@ def cmd_describe(args: argparse.Namespace) -> int:
     else:
         num_classes = NUM_CLASSES[dataset]
     method = get_method(cfg.method)
+    image_size = cfg.data.image_size
+    if hasattr(method, "input_shape"):  # a method tied to its own data (nb201: the table's)
+        dataset, num_classes, image_size = method.input_shape(cfg.model)
     model = method.build(cfg.model, num_classes)
-    cost = cost_lib.measure(model, cfg.data.image_size)
+    cost = cost_lib.measure(model, image_size)
     params = sum(p.numel() for p in model.parameters())
     train_only = sum(p.numel() for s in model.segments() if s.train_only for p in s.module.parameters())
     card = {"method": cfg.method, "paper": method.PAPER, "dataset": dataset, "num_classes": num_classes,
-            "image_size": cfg.data.image_size, "params": params - train_only, "train_params": params,
+            "image_size": image_size, "params": params - train_only, "train_params": params,
             **cost.to_dict(), "config": {k: v for k, v in cfg.to_flat().items() if k.startswith("model.")}}
-    paper = method.paper_macs(model, cfg.data.image_size) if hasattr(method, "paper_macs") else None
+    paper = method.paper_macs(model, image_size) if hasattr(method, "paper_macs") else None
     for e, m in zip(card["exits"], paper or []):
         e["paper_macs"] = m  # the paper's own counting rules, for comparison with its figures
     if getattr(model, "notes", None):
@@ -392,7 +400,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
         print(json.dumps(card, indent=1))
         return 0
     print(f"{card['method']}: {card['paper']}")
-    print(f"dataset {dataset} ({num_classes} classes, {cfg.data.image_size}px); {card['params']:,} parameters; "
+    print(f"dataset {dataset} ({num_classes} classes, {image_size}px); {card['params']:,} parameters; "
           f"{card['macs']:,} MACs per image for the whole network, every head included (FLOPs = 2 x MACs)")
     for note in card.get("notes", []):
         print(f"note: {note}")
@@ -604,6 +612,12 @@ def build_parser() -> argparse.ArgumentParser:
     from trainables.config import DATASETS
     from trainables.methods import METHODS
 
+    from trainables.methods import get_method
+
+    # Metrics a method offers as the second objective instead of MACs (nb201: the table's latency, model size).
+    objective_help = {k: f"{h} ({name})" for name in METHODS
+                      for k, h in getattr(get_method(name), "OBJECTIVES", {}).items()}
+    objectives = ["macs", *sorted(objective_help)]
     p = _Parser(prog="dynastudy", description="Hyperparameter studies of dynamic neural networks.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -635,6 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage-path", help="Tune's storage for checkpoints and sweep state, reached by every node: "
                                           "an absolute shared path or s3://bucket/prefix (default: "
                                           "DYNASTUDY_STORAGE_PATH, else <results-dir>/ray)")
+    s.add_argument("--objective", default="macs", choices=objectives,
+                   help="the second objective, minimised beside validation accuracy: MACs, or a metric a method "
+                        "reports (" + "; ".join(f"{m}: {k}" for m, k in sorted(objective_help.items())) + ")")
     s.add_argument("--tracking-timeout", type=float, default=300.0,
                    help="seconds the sweep's end waits for an unreachable MLflow server before it keeps the "
                         "writes on disk for `resume`")

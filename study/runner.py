@@ -21,8 +21,8 @@ from typing import Any, Sequence, TextIO
 import optuna
 
 from study import paths
-from study.search import (METRICS, MODES, SAMPLERS, SCHEDULERS, SweepSpace, choice_applies, for_method, is_fixed,
-                          make_sampler)
+from study.search import (METRICS, MODES, OBJECTIVES_ATTR, SAMPLERS, SCHEDULERS, SweepSpace, choice_applies,
+                          for_method, is_fixed, make_sampler)
 from study.tracking import (TAG_FAIL, TAG_KIND, TAG_LOST, TAG_PARENT, TAG_RESUMES, TAG_STOPPED, TAG_TRACKING,
                             TAG_TUNE_PATH, Tracker, check_reachable, redact)
 from trainables import data as data_lib
@@ -56,6 +56,7 @@ class SweepSpec:
     choices: dict[str, tuple] = dataclasses.field(default_factory=dict)  # keys searched over the user's values
     storage_path: str | None = None  # Tune's storage: a shared absolute path or s3://...; None: <results>/ray
     tracking_timeout_s: float = 300.0  # how long the sweep's end waits for an unreachable tracking server
+    objective: str = "macs"  # the second objective (minimised) beside val_acc: MACs, or a metric of OBJECTIVES
 
     # Where the sweep runs, not what it is: `dynastudy resume` takes these from its own flags.
     SERVICE_FIELDS = ("results_dir", "tracking_uri", "storage", "ray_address")
@@ -115,8 +116,9 @@ def check_study_name(name: str) -> None:
         raise ConfigError(f"study name {name!r} is not valid (1-200 characters, no quotes, slashes or newlines)")
 
 
-def check_storage(url: str, directions: list[str], study: str) -> int:
-    """The Optuna storage URL parses and answers; an existing study has our directions.
+def check_storage(url: str, directions: list[str], study: str, objectives: list[str] | None = None) -> int:
+    """The Optuna storage URL parses and answers; an existing study has our directions and, where it recorded
+    them, our objectives (a study of accuracy vs MACs cannot take accuracy vs latency values).
     Returns how many trials the study already holds (0 when it does not exist yet). Writes nothing."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
@@ -144,6 +146,10 @@ def check_storage(url: str, directions: list[str], study: str) -> int:
     want = ["maximize" if m == "max" else "minimize" for m in directions]
     if have != want:
         raise ConfigError(f"Optuna study {study!r} in {redact(url)} has directions {have}, not {want}")
+    recorded = existing[study].user_attrs.get(OBJECTIVES_ATTR, list(METRICS))
+    if objectives is not None and list(recorded) != list(objectives):
+        raise ConfigError(f"Optuna study {study!r} in {redact(url)} optimises {recorded}, not {objectives}: use "
+                          f"--objective {recorded[1]} or another study")
     return len(storage.get_all_trials(storage.get_study_id_from_name(study), deepcopy=False))
 
 
@@ -283,16 +289,39 @@ def validate(spec: SweepSpec) -> Plan:
             keys = sorted({k for m in spec.methods for k in TrialConfig.valid_keys(m) if k.startswith("model.")})
             raise ConfigError(f"--choice {key}: no method of {list(spec.methods)} has this key; their model keys: "
                               + ", ".join(keys))
+    check_objective(spec.objective, spec.methods)
     probes = probe_configs(spec)
-    datasets = {c.data.dataset for c in probes}
+    datasets = {c.data.dataset for c in probes if not is_tabular(c.method)}
     if len(datasets) > 1:  # the data is loaded once and shared by every trial
         raise ConfigError(f"one sweep trains on one dataset, got {sorted(datasets)}")
-    data_lib.check_source(datasets.pop(), spec.data_dir)
+    if datasets:
+        data_lib.check_source(datasets.pop(), spec.data_dir)
     tune_storage(spec.storage_path, spec.results_dir)
     if spec.tracking_timeout_s < 0:
         raise ConfigError(f"--tracking-timeout={spec.tracking_timeout_s} must be 0 or more seconds")
     check_reachable(spec.tracking_uri)
-    return Plan(probes, check_storage(spec.storage, MODES, spec.study))
+    return Plan(probes, check_storage(spec.storage, MODES, spec.study, objective_names(spec.objective)))
+
+
+def is_tabular(method: str) -> bool:
+    """Whether `method`'s trials look their results up (NAS-Bench-201) rather than train on a dataset."""
+    return bool(getattr(get_method(method), "TABULAR", False))
+
+
+def check_objective(objective: str, methods: Sequence[str]) -> None:
+    """`objective` is MACs or a metric every method of the sweep reports (a method's OBJECTIVES)."""
+    if objective == "macs":
+        return
+    offered = [set(getattr(get_method(m), "OBJECTIVES", {})) for m in methods]
+    common = sorted(set.intersection(*offered)) if offered else []
+    if objective not in common:
+        raise ConfigError(f"--objective {objective!r} is not reported by every method of {list(methods)}; "
+                          f"valid: {', '.join(['macs', *common])}")
+
+
+def objective_names(objective: str) -> list[str]:
+    """The metrics an Optuna study of this sweep optimises, in order (stored with the study)."""
+    return [METRICS[0], objective]
 
 
 # ------------------------------------------------------------------------------------------------ progress
@@ -404,11 +433,14 @@ def _load_data(spec: SweepSpec, plan: Plan, out: TextIO):
     for url in (spec.tracking_uri, spec.storage):  # validated: now the folders of SQLite files may be made
         if (db := paths.sqlite_file(url)) is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
-    cfg0 = plan.probes[0]
+    trained = [c for c in plan.probes if not is_tabular(c.method)]
+    if not trained:  # tabular methods only: nothing to load
+        return None
+    cfg0 = trained[0]
     print(f"loading {cfg0.data.dataset} ...", file=out, flush=True)
     arrays = data_lib.load_dataset(cfg0.data.dataset, spec.data_dir, paths.cache_dir(spec.results_dir),
                                    cfg0.data.image_size)
-    for data_hp in {c.data for c in plan.probes}:  # sizes (val_size, subset) fit this dataset: fail here, not per trial
+    for data_hp in {c.data for c in trained}:  # sizes (val_size, subset) fit this dataset: fail here, not per trial
         data_lib.make_splits(arrays, data_hp)
     return arrays
 
@@ -438,7 +470,8 @@ def run_sweep(spec: SweepSpec, out: TextIO | None = None) -> SweepResult:
     def make_tuner(trainable, callbacks):
         # Offset the sampler seed by the trials already in the study: a second sweep stays reproducible but
         # does not replay the first one's random start-up configurations.
-        searcher = StudySearch(space=SweepSpace(spec.methods, spec.fixed, spec.choices), metric=METRICS,
+        searcher = StudySearch(space=SweepSpace(spec.methods, spec.fixed, spec.choices),
+                               metric=objective_names(spec.objective),
                                mode=MODES, sampler=make_sampler(spec.sampler, spec.seed + plan.existing_trials),
                                storage=optuna.storages.RDBStorage(spec.storage), study_name=spec.study,
                                sweep_run_id=parent)

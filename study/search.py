@@ -14,8 +14,9 @@ from trainables.hparams import ConfigError
 
 SAMPLERS = ("tpe", "nsga2", "random")
 SCHEDULERS = ("fifo", "asha")  # Tune trial schedulers (study/runner.py builds them)
-METRICS = ["val_acc", "macs"]
+METRICS = ["val_acc", "macs"]  # a sweep's objectives by default; `--objective` may replace macs (study/runner.py)
 MODES = ["max", "min"]
+OBJECTIVES_ATTR = "dynastudy.objectives"  # Optuna study user attribute: the metrics its values are
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 

@@ -20,6 +20,8 @@ import time
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
+from study.search import OBJECTIVES_ATTR
+
 
 LOST_REASON = "asked for after the sweep's last saved state; lost when its driver stopped (dynastudy resume)"
 
@@ -31,6 +33,12 @@ class StudySearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.sweep_run_id = sweep_run_id
         self.started = time.time()  # pickled with the searcher: `fail_orphans` reads it in the resumed sweep
+
+    def _setup_study(self, mode) -> None:
+        super()._setup_study(mode)
+        # What the study's values are (val_acc and MACs, or latency): a later sweep must search the same.
+        if OBJECTIVES_ATTR not in self._ot_study.user_attrs:
+            self._ot_study.set_user_attr(OBJECTIVES_ATTR, list(self._metric))
 
     def suggest(self, trial_id: str):
         params = super().suggest(trial_id)

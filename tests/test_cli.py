@@ -46,6 +46,9 @@ def _sweep(tmp_path, *extra):
     (["--storage-path", "rel/ray"], "--storage-path 'rel/ray' must be an absolute path"),
     (["--storage-path", "ftp://host/x"], "scheme 'ftp' is not supported; valid: an absolute path, s3://"),
     (["--tracking-timeout", "-1"], "--tracking-timeout=-1.0 must be 0 or more seconds"),
+    (["--objective", "latency_s"], "--objective 'latency_s' is not reported by every method of ['elastic']; "
+                                   "valid: macs"),
+    (["--objective", "flops"], "invalid choice: 'flops' (choose from 'macs', 'latency_s', 'params_m')"),
 ])
 def test_bad_sweep_input(tmp_path, capsys, extra, fragment):
     assert main(_sweep(tmp_path, *extra)) == 2

@@ -28,6 +28,7 @@ from ray import tune
 from trainables.config import TrialConfig
 from trainables.data import DatasetArrays, make_splits
 from trainables.loop import Diverged, RunContext, fit
+from trainables.methods import get_method
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -88,11 +89,11 @@ def _finished_result(tracker, env: TrialEnv, run_id: str) -> dict[str, Any] | No
     if run.info.status != "FINISHED" or "test_acc" not in m or "val_acc" not in m:
         return None
     epochs = max((h.step for h in tracker.client.get_metric_history(run_id, "val_acc")), default=0)
-    return {"val_acc": m["val_acc"], "macs": m.get("macs"), "test_acc": m["test_acc"],
+    return {**m, "val_acc": m["val_acc"], "macs": m.get("macs"), "test_acc": m["test_acc"],
             "macs_full": m.get("macs_full"), "epoch": epochs, "final": 1}
 
 
-def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays) -> None:
+def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays | None) -> None:
     from study.outbox import Outbox
     from study.tracking import (TAG_FAIL, TAG_NODE, TAG_NODES, TAG_NOTES, TAG_RESUMED, TAG_TRACKING, Tracker,
                                 final_files, final_metrics, node_name, write_config)
@@ -155,7 +156,8 @@ def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays) -> Non
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
 
     try:
-        for report in fit(cfg, make_splits(data, cfg.data), env.context, state):
+        tabular = getattr(get_method(cfg.method), "TABULAR", False)  # looks results up: no data to split
+        for report in fit(cfg, None if tabular else make_splits(data, cfg.data), env.context, state):
             epoch = report.epoch
             box.metrics(run_id, report.metrics, step=report.epoch, skip_logged=existed)
             result = {**report.metrics, **common, "epoch": report.epoch, "final": 0}

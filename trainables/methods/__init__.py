@@ -25,6 +25,11 @@ Optional, where a method needs them:
   out.aux["gates"]              [N, L] 0/1 gate decisions, for per-sample MACs and gate-rate logs;
   out.aux["side_logits"]        [S, N, C] logits of train-only side heads (DHM's branches), whose accuracy is
                                 logged per head; `model.side_heads` gives their ids (default 1..S);
+  TABULAR = True                a method whose trials look results up (NAS-Bench-201) instead of training: no
+                                dataset is loaded for it, and its `fit` receives splits=None;
+  input_shape(hp) -> (dataset, classes, image side)
+                                the data a method is tied to (nb201: its table's), for `describe`;
+  OBJECTIVES {metric: help}     metrics a sweep may search instead of MACs as its second objective (minimised);
   paper_macs(model, image_size) -> [int]
                                 cumulative MACs per exit under the paper's own counting rules (MSDNet's
                                 op_counter.py: ReLU, pooling and linear biases counted too), which `describe`
@@ -48,6 +53,7 @@ METHODS: dict[str, str] = {
     "lottery": "trainables.methods.lottery",
     "sdn": "trainables.methods.sdn",
     "msdnet": "trainables.methods.msdnet",
+    "nb201": "trainables.methods.nb201",
 }
 
 
