@@ -41,5 +41,21 @@ def sqlite_file(url: str) -> Path | None:
     return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
 
 
+def sqlite_wal(url: str) -> None:
+    """Put the SQLite database behind `url` (if it is one) in write-ahead-log mode, which persists in the file:
+    the sweep's driver and its trials write to it at once, and in WAL mode readers do not wait for a writer nor
+    a writer for readers (benchmarks/sweep_overhead.py). Local disks only, as SQLite itself requires."""
+    import sqlite3
+
+    db = sqlite_file(url)
+    if db is None:
+        return
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+    finally:
+        con.close()
+
+
 def default_storage(root: Path) -> str:
     return os.environ.get("DYNASTUDY_STORAGE") or f"sqlite:///{root / 'optuna.db'}"

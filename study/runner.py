@@ -94,6 +94,7 @@ class TrialOutcome:
     macs: float | None
     seconds: float
     run_id: str | None
+    timing: dict[str, float] = dataclasses.field(default_factory=dict)  # open_s, end_wait_s, fit_s (trainable)
 
 
 @dataclasses.dataclass
@@ -104,6 +105,7 @@ class SweepResult:
     interrupted: bool = False
     undelivered: int = 0  # MLflow writes kept on disk because the tracking server did not answer
     trials: int = 0  # asked for
+    searcher_s: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds in Optuna suggest / tell
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -350,7 +352,8 @@ def _progress_callback(box, total: int, out: TextIO, outcomes: list[TrialOutcome
                 status = "diverged"
             elif status == "complete" and not r.get("final"):
                 status = "stopped"
-            if run_id:
+            closed = status == "complete" and r.get("final") and not r.get("tracking_pending")
+            if run_id and not closed:  # a trial that delivered its FINISHED status itself needs nothing more
                 # Tune may end a trial right after its last report (a scheduler's stop, even at the final epoch),
                 # before the trainable closes its run: close it here, unless it has ended meanwhile.
                 tags = {TAG_STOPPED: f"after epoch {r.get('epoch')}"} if status == "stopped" else \
@@ -364,7 +367,8 @@ def _progress_callback(box, total: int, out: TextIO, outcomes: list[TrialOutcome
                     box.tag(run_id, TAG_TRACKING, f"{r.get('tracking')}; the sweep's driver delivered them after "
                                                   "the trial ended")
             o = TrialOutcome(trial.trial_id, str(r.get("method", trial.config.get("method", "?"))), status,
-                             r.get("val_acc"), r.get("macs"), float(r.get("time_total_s", 0.0)), run_id)
+                             r.get("val_acc"), r.get("macs"), float(r.get("time_total_s", 0.0)), run_id,
+                             {k: float(r[k]) for k in ("open_s", "end_wait_s", "fit_s") if k in r})
             outcomes.append(o)
             acc = f"val_acc={o.val_acc:.4f}" if o.val_acc is not None else "val_acc=-"
             macs = f"macs={o.macs / 1e6:.2f}M" if o.macs is not None else "macs=-"
@@ -460,6 +464,8 @@ def run_sweep(spec: SweepSpec, out: TextIO | None = None) -> SweepResult:
         print(f"study {spec.study} already has {plan.existing_trials} trials: adding {spec.trials}", file=out)
     tracker = Tracker(spec.tracking_uri)
     exp_id = tracker.ensure_experiment(spec.study, paths.artifacts_dir(spec.results_dir))
+    for url in (spec.tracking_uri, spec.storage):
+        paths.sqlite_wal(url)
     parent = tracker.start_sweep(exp_id, spec.study, spec.summary())
     name = f"{spec.study}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage_path, filesystem = tune_storage(spec.storage_path, spec.results_dir)
@@ -501,11 +507,16 @@ def _drive(spec: SweepSpec, arrays, tracker: Tracker, exp_id: str, parent: str, 
     """Run (or continue) the sweep's Tuner on Ray; whatever happens, leave nothing of it RUNNING."""
     import ray
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     from study.outbox import Outbox
     from trainables.tune_adapter import TrialEnv, bounded_http_retries, trainable
 
     bounded_http_retries()
+    # MLflow is the sweep's record: Tune's own per-trial CSV and TensorBoard files would cost the driver time on
+    # every result (benchmarks/sweep_overhead.py); its JSON log stays, Tune's end-of-run summary reads it. A user
+    # who wants them all sets the variable to 0.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     box = Outbox(tracker.client)
     started = False
     outcomes: list[TrialOutcome] = []
@@ -519,8 +530,9 @@ def _drive(spec: SweepSpec, arrays, tracker: Tracker, exp_id: str, parent: str, 
                        context=RunContext(device=device, threads=max(1, int(spec.cpus_per_trial))))
         resources = {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
         ended: dict[str, int] = {}
+        callbacks = [_progress_callback(box, spec.trials, out, outcomes, ended, done), JsonLoggerCallback()]
         tuner = make_tuner(tune.with_resources(tune.with_parameters(trainable, env=env, data=arrays), resources),
-                           [_progress_callback(box, spec.trials, out, outcomes, ended, done)])
+                           callbacks)
         tuner.fit()
         # Tune catches Ctrl-C itself and returns: trials that did not end mean an interrupted sweep.
         status = "FINISHED" if ended.get("trials", 0) >= spec.trials else "KILLED"
@@ -531,9 +543,16 @@ def _drive(spec: SweepSpec, arrays, tracker: Tracker, exp_id: str, parent: str, 
         result = SweepResult(parent, outcomes, time.time() - t0, interrupted=status != "FINISHED", trials=spec.trials)
         searcher = _searcher_of(tuner)
         _close_leftovers(tracker, box, exp_id, parent, searcher, status, out)
+        # Where the time went (benchmarks/sweep_overhead.py): Optuna's suggest and tell on this driver, and per
+        # trial the opening of its MLflow run, the wait for its writes at its end, and its whole `fit`.
+        result.searcher_s = dict(getattr(searcher, "seconds", {}))
+        timing = {f"optuna_{k}_s": v for k, v in result.searcher_s.items()}
+        timed = [o.timing for o in outcomes if o.timing]
+        for k in ("open_s", "end_wait_s", "fit_s") if timed else ():
+            timing[f"trial_{k}_mean"] = sum(t.get(k, 0.0) for t in timed) / len(timed)
         box.metrics(parent, {"trials_complete": result.count("complete"), "trials_stopped": result.count("stopped"),
                              "trials_failed": result.count("error") + result.count("diverged"),
-                             "sweep_time_s": result.seconds}, step=done)
+                             "sweep_time_s": result.seconds, **timing}, step=done)
         box.status(parent, status)
         result.undelivered = _deliver(box, spec, parent, out)
         if started:
@@ -576,8 +595,7 @@ def _close_leftovers(tracker: Tracker, box, exp_id: str, parent: str, searcher, 
         searcher.close_unfinished(reason)
     box.flush(5.0)  # the trials' closing writes queued by the progress callback go first
     try:
-        runs = tracker.client.search_runs([exp_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent}' and "
-                                                                  "attributes.status = 'RUNNING'")
+        runs = tracker.search_all(exp_id, f"tags.`{TAG_PARENT}` = '{parent}' and attributes.status = 'RUNNING'")
     except Exception as e:  # the tracking server is down: `dynastudy resume` looks again
         print(f"tracking: could not look for unfinished trial runs ({type(e).__name__})", file=out)
         return
@@ -667,8 +685,8 @@ def resume_sweep(study: str, tracking_uri: str, storage: str, results_dir: Path,
                           "--storage-path) that sweep used")
     plan = validate(spec)
     arrays = _load_data(spec, plan, out)
-    ended = tracker.client.search_runs([exp_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent}' and "
-                                                              "attributes.status != 'RUNNING'")
+    # Paged: a sweep of thousands of trials has more ended runs than one search returns.
+    ended = tracker.search_all(exp_id, f"tags.`{TAG_PARENT}` = '{parent}' and attributes.status != 'RUNNING'")
     done = sum(TAG_LOST not in r.data.tags for r in ended)
     resumes = int(tags.get(TAG_RESUMES, "0")) + 1
     print(f"resuming sweep run {parent} of study {study} ({done} of {spec.trials} trials had ended; Tune's state "

@@ -33,6 +33,7 @@ class StudySearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.sweep_run_id = sweep_run_id
         self.started = time.time()  # pickled with the searcher: `fail_orphans` reads it in the resumed sweep
+        self.seconds = {"suggest": 0.0, "tell": 0.0}  # time spent in Optuna (the sweep run logs it)
 
     def _setup_study(self, mode) -> None:
         super()._setup_study(mode)
@@ -41,6 +42,18 @@ class StudySearch(OptunaSearch):
             self._ot_study.set_user_attr(OBJECTIVES_ATTR, list(self._metric))
 
     def suggest(self, trial_id: str):
+        t0 = time.perf_counter()
+        try:
+            return self._suggest(trial_id)
+        finally:
+            self._spent("suggest", t0)
+
+    def _spent(self, what: str, t0: float) -> None:
+        seconds = getattr(self, "seconds", None) or {"suggest": 0.0, "tell": 0.0}  # a searcher pickled before
+        seconds[what] += time.perf_counter() - t0
+        self.seconds = seconds
+
+    def _suggest(self, trial_id: str):
         params = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and params is not None and self.sweep_run_id:
@@ -72,6 +85,13 @@ class StudySearch(OptunaSearch):
         return closed
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        t0 = time.perf_counter()
+        try:
+            return self._complete(trial_id, result, error)
+        finally:
+            self._spent("tell", t0)
+
+    def _complete(self, trial_id: str, result: dict | None, error: bool) -> None:
         ot_trial = self._ot_trials.get(trial_id)
         # Only a resumed sweep re-runs trials, so only it pays for the extra read.
         if getattr(self, "restored", False) and ot_trial is not None and trial_id not in self._completed_trials \

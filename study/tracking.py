@@ -175,6 +175,17 @@ class Tracker:
         return run.info.run_id
 
     # ------------------------------------------------------------------ trials
+    def search_all(self, exp_id: str, filter_string: str, page: int = 1000) -> list:
+        """Every run matching `filter_string`, page by page (`search_runs` alone returns at most 1,000)."""
+        runs, token = [], None
+        while True:
+            found = self.client.search_runs([exp_id], filter_string=filter_string, max_results=page,
+                                            page_token=token)
+            runs += list(found)
+            token = found.token
+            if not token:
+                return runs
+
     def find_trial(self, exp_id: str, parent_run_id: str, trial_id: str, config_hash: str | None = None) -> str | None:
         """The run already made for this trial (a retried trial must not make a second one). A run of the same
         trial id but another configuration, or one `dynastudy resume` marked lost, is another trial."""

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,7 @@ def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays | None)
     from study.tracking import (TAG_FAIL, TAG_NODE, TAG_NODES, TAG_NOTES, TAG_RESUMED, TAG_TRACKING, Tracker,
                                 final_files, final_metrics, node_name, write_config)
 
+    started = time.perf_counter()
     bounded_http_retries()
     cfg = resolve_config(env.fixed[config["method"]], config)
     trial_id = tune.get_context().get_trial_id()
@@ -112,6 +114,8 @@ def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays | None)
             meta = json.loads((Path(d) / META_FILE).read_text())
             box.adopt(Path(d))  # what the attempt that wrote it had not delivered yet
     run_id, existed = _open_run(tracker, env, cfg, trial_id, meta.get("mlflow_run_id"))
+    # Where a trial's time goes besides `fit` (benchmarks/sweep_overhead.py): opening its run, the end's wait.
+    timing = {"open_s": time.perf_counter() - started}
     common = {"mlflow_run_id": run_id, "config_hash": cfg.config_hash(), "method": cfg.method}
     if existed and (logged := _finished_result(tracker, env, run_id)) is not None:
         # It ended after the sweep's last saved state and `dynastudy resume` runs it again: its result stands.
@@ -137,10 +141,12 @@ def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays | None)
     def end(status: str, reason: str | None = None) -> dict[str, Any]:
         """Queue the run's end, wait a little for the server, stop delivering: what is left rides on the
         checkpoint (or is lost with a trial that raises, whose retry replays its last checkpoint instead)."""
+        t0 = time.perf_counter()
         if reason:
             box.tag(run_id, TAG_FAIL, reason[:5000])
         box.status(run_id, status)
         box.flush(END_FLUSH_S)
+        timing["end_wait_s"] = time.perf_counter() - t0
         if box.summary():
             box.tag(run_id, TAG_TRACKING, box.summary())
             box.flush(1.0)
@@ -156,6 +162,7 @@ def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays | None)
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
 
     try:
+        fit_started = time.perf_counter()
         tabular = getattr(get_method(cfg.method), "TABULAR", False)  # looks results up: no data to split
         for report in fit(cfg, None if tabular else make_splits(data, cfg.data), env.context, state):
             epoch = report.epoch
@@ -173,7 +180,13 @@ def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays | None)
                 if final.notes:
                     result["notes"] = " | ".join(final.notes)
                 result.update(end("FINISHED"))
-            report_to_tune(result, report)
+                result.update(timing, fit_s=time.perf_counter() - fit_started)
+            if result["final"] and not result.get("tracking_pending"):
+                # Nothing is left to hand over, and a finished trial never resumes: no checkpoint to write and
+                # persist (a retry after a driver crash finds the FINISHED run and replays it, `_finished_result`).
+                tune.report(result)
+            else:
+                report_to_tune(result, report)
     except Diverged as e:
         # Tune insists on the searched metrics in every result. val_acc 0 ranks a diverged trial last for ASHA;
         # StudySearch tells Optuna FAIL before either value is used.
