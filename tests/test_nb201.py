@@ -120,6 +120,14 @@ def test_sweep_searches_accuracy_vs_latency(tmp_path, capsys):
     for t in trials:
         entry = nb201.lookup(_cfg(**config_keys(t.params)).model)
         assert t.values == [pytest.approx(entry["val_acc"]), pytest.approx(entry["latency_s"])]
+    # where the sweep's time went, on its MLflow run (benchmarks/sweep_overhead.py reads it)
+    from study.tracking import TAG_KIND, Tracker
+
+    tracker = Tracker(f"sqlite:///{res}/mlflow.db")
+    (sweep,) = tracker.client.search_runs([tracker.experiment_id("nb")], filter_string=f"tags.`{TAG_KIND}` = 'sweep'")
+    m = sweep.data.metrics
+    assert m["optuna_suggest_s"] > 0 and m["optuna_tell_s"] > 0 and m["trials_complete"] == 12
+    assert min(m["trial_open_s_mean"], m["trial_fit_s_mean"], m["trial_end_wait_s_mean"]) > 0
     capsys.readouterr()
     assert main([*args[:-4], "--objective", "macs", "--results-dir", str(res)]) == 2
     assert "optimises ['val_acc', 'latency_s'], not ['val_acc', 'macs']" in capsys.readouterr().err
