@@ -478,7 +478,8 @@ def run_sweep(spec: SweepSpec, out: TextIO | None = None) -> SweepResult:
         # does not replay the first one's random start-up configurations.
         searcher = StudySearch(space=SweepSpace(spec.methods, spec.fixed, spec.choices),
                                metric=objective_names(spec.objective),
-                               mode=MODES, sampler=make_sampler(spec.sampler, spec.seed + plan.existing_trials),
+                               mode=MODES, sampler=make_sampler(spec.sampler, spec.seed + plan.existing_trials,
+                                                                spec.concurrency),
                                storage=optuna.storages.RDBStorage(spec.storage), study_name=spec.study,
                                sweep_run_id=parent)
         scheduler = None

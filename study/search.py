@@ -21,9 +21,12 @@ OBJECTIVES_ATTR = "dynastudy.objectives"  # Optuna study user attribute: the met
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 
 
-def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+def make_sampler(name: str, seed: int | None, concurrency: int = 1) -> optuna.samplers.BaseSampler:
+    """The sampler `name`. With trials running in parallel, TPE treats the running ones as bad results of their
+    configurations (`constant_liar`), so parallel suggestions spread out instead of repeating what is already
+    running; sequentially it is plain TPE (benchmarks/search_quality.py measures both)."""
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=concurrency > 1)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if name == "random":
