@@ -147,7 +147,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         gpus_per_trial=args.gpus_per_trial, max_failures=args.max_failures,
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"), choices=parse_choices(args.choice),
         storage_path=args.storage_path or os.environ.get("DYNASTUDY_STORAGE_PATH"),
-        tracking_timeout_s=args.tracking_timeout, objective=args.objective)
+        tracking_timeout_s=args.tracking_timeout, objective=args.objective, compile=args.compile)
     print(f"study {spec.study}: {spec.trials} trials of {', '.join(methods)}, {spec.concurrency} at a time, "
           f"sampler {spec.sampler}, scheduler {spec.scheduler}")
     return _sweep_outcome(args, run_sweep(spec), spec.study, uri)
@@ -217,7 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     tracker = Tracker(uri)
     exp_id = tracker.ensure_experiment(args.study, paths.artifacts_dir(root))
     run_id = tracker.start_trial(exp_id, None, args.study, cfg, f"run-{time.strftime('%Y%m%d-%H%M%S')}", kind="run")
-    ctx = RunContext(device=args.device, threads=args.threads)
+    ctx = RunContext(device=args.device, threads=args.threads, compile=args.compile)
     try:
         for report in fit(cfg, splits, ctx):
             tracker.log_metrics(run_id, report.metrics, step=report.epoch)
@@ -652,6 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--objective", default="macs", choices=objectives,
                    help="the second objective, minimised beside validation accuracy: MACs, or a metric a method "
                         "reports (" + "; ".join(f"{m}: {k}" for m, k in sorted(objective_help.items())) + ")")
+    s.add_argument("--compile", action="store_true",
+                   help="train every trial through torch.compile (inductor; the first epoch pays the compilation)")
     s.add_argument("--tracking-timeout", type=float, default=300.0,
                    help="seconds the sweep's end waits for an unreachable MLflow server before it keeps the "
                         "writes on disk for `resume`")
@@ -678,6 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE")
     r.add_argument("--data-dir")
     r.add_argument("--device", default="cpu")
+    r.add_argument("--compile", action="store_true", help="train through torch.compile (inductor)")
     r.add_argument("--threads", type=int)
     _common_tracking(r)
     r.set_defaults(func=cmd_run)

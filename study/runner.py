@@ -57,6 +57,7 @@ class SweepSpec:
     storage_path: str | None = None  # Tune's storage: a shared absolute path or s3://...; None: <results>/ray
     tracking_timeout_s: float = 300.0  # how long the sweep's end waits for an unreachable tracking server
     objective: str = "macs"  # the second objective (minimised) beside val_acc: MACs, or a metric of OBJECTIVES
+    compile: bool = False  # trials train through torch.compile (how a trial runs, outside the config hash)
 
     # Where the sweep runs, not what it is: `dynastudy resume` takes these from its own flags.
     SERVICE_FIELDS = ("results_dir", "tracking_uri", "storage", "ray_address")
@@ -528,7 +529,8 @@ def _drive(spec: SweepSpec, arrays, tracker: Tracker, exp_id: str, parent: str, 
         device = "cuda" if spec.gpus_per_trial > 0 else "cpu"
         env = TrialEnv(study=spec.study, fixed={m: fixed_for(m, spec.fixed, spec.methods) for m in spec.methods},
                        tracking_uri=spec.tracking_uri, experiment_id=exp_id, parent_run_id=parent,
-                       context=RunContext(device=device, threads=max(1, int(spec.cpus_per_trial))))
+                       context=RunContext(device=device, threads=max(1, int(spec.cpus_per_trial)),
+                                          compile=spec.compile))
         resources = {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
         ended: dict[str, int] = {}
         callbacks = [_progress_callback(box, spec.trials, out, outcomes, ended, done), JsonLoggerCallback()]

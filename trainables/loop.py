@@ -45,6 +45,7 @@ class RunContext:
     device: str = "cpu"
     channels_last: bool = True
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    compile: bool = False  # train through torch.compile(model); state_dict, cost and evaluation use the module
 
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
@@ -227,6 +228,12 @@ def make_optimizer(cfg: TrialConfig, model: torch.nn.Module, steps_per_epoch: in
     return opt, sched
 
 
+def training_module(model: torch.nn.Module, ctx: RunContext) -> torch.nn.Module:
+    """What `train_epoch` runs: `model` itself, or with `ctx.compile` torch.compile(model), which shares its
+    parameters and buffers. Checkpoints, state_dicts (no `_orig_mod.` prefix), cost and evaluation keep `model`."""
+    return torch.compile(model) if ctx.compile else model
+
+
 def train_batches(cfg: TrialConfig, splits: Splits, device: torch.device, channels_last: bool) -> Batches:
     mean, std = channel_stats(splits.train_x)
     return Batches(splits.train_x, splits.train_y, cfg.optim.batch_size, device, mean, std, augment=cfg.data.augment,
@@ -293,6 +300,7 @@ def fit(cfg: TrialConfig, splits: Splits, ctx: RunContext = RunContext(),
     train = train_batches(cfg, splits, device, ctx.channels_last)
     val = eval_batches(splits, "val", device, ctx.channels_last)
     opt, sched = make_optimizer(cfg, model, len(train))
+    trainee = training_module(model, ctx)
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -306,7 +314,7 @@ def fit(cfg: TrialConfig, splits: Splits, ctx: RunContext = RunContext(),
 
     for epoch in range(start, o.epochs):
         t0 = time.perf_counter()
-        train_loss, seen, train_time = train_epoch(cfg, method, model, train, opt, sched, device, epoch)
+        train_loss, seen, train_time = train_epoch(cfg, method, trainee, train, opt, sched, device, epoch)
 
         val_cache, val_outs = exit_cache(model, val, splits.val_y, cost, device)
         point = policies.operating_point(cfg.policy, val_cache, cost.exits)
