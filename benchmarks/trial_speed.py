@@ -24,9 +24,13 @@ batch; reported as warm-up s). Then every repetition trains one epoch of every s
 other processes hits all sides alike:
   --interleave step   (default on CPU) the sides advance in lockstep, one optimiser step each in turn (every side
                       runs in its own thread, only one thread ever runs; the platform pauses in train_epoch's
-                      `after_step` hook), each side's seconds summed over its own steps;
+                      `after_step` hook), each side's seconds summed over its own steps (the sides then draw
+                      dropout masks from torch's one global generator in turn, so elastic's losses differ from
+                      an epoch-interleaved run's; the work timed is the same);
   --interleave epoch  whole epochs, in an order that rotates (and reverses) from one repetition to the next
-                      (the only choice on an accelerator, where timing single steps would need a sync per step).
+                      (the only choice on an accelerator, where timing single steps would need a sync per step);
+                      every side then reports the same training losses as its counterpart, to the bit (the JSON
+                      has them: a check that the floor does the platform's computation).
 The table gives medians: images/s from each side's median epoch seconds, `ratio` = median(platform s) /
 median(floor s) (> 1: the platform is slower), `pair ratio` = the median over repetitions of the ratio within one
 repetition, `min ratio` = that of the fastest epochs, and the compile speed-up = median over repetitions of
@@ -317,6 +321,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     arrays = data_lib.load_dataset(args.dataset, args.data_dir, args.cache_dir)
     compiles = {"both": (False, True), "off": (False,), "on": (True,)}[args.compile]
+    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "device": args.device,
+               "torch": torch.__version__, "python": platform_lib.python_version(),
+               "cuda_device": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+               "subset": args.subset, "reps": args.reps, "interleave": args.interleave}
     rows = []
     for name in names:
         flat = {**CASES[name], "data.dataset": args.dataset, "data.subset": args.subset,
@@ -331,18 +339,14 @@ def main(argv=None) -> int:
                   f"img/s, floor {row['floor_images_per_s']:.1f} img/s, ratio {row['ratio']:.3f}, pair ratio "
                   f"{row['pair_ratio']:.3f} (platform s {[round(t, 2) for t in row['platform_s']]}, "
                   f"floor s {[round(t, 2) for t in row['floor_s']]})", flush=True)
-    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "device": args.device,
-               "torch": torch.__version__, "python": platform_lib.python_version(),
-               "cuda_device": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-               "subset": args.subset, "reps": args.reps, "interleave": args.interleave,
-               "load_average_end": os.getloadavg()}
+        if args.json:  # after every network, so that an interrupted run keeps what it measured
+            machine["load_average"] = os.getloadavg()
+            Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     print()
     print(f"{machine['cpu']}, {machine['cores']} cores, {args.threads} threads, torch {torch.__version__}, "
           f"device {args.device}, {args.subset or 'all'} training images, {args.reps} timed epochs per side, "
           f"interleaved by {args.interleave}, load average at the end {os.getloadavg()[0]:.1f}")
     print(table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     return 0
 
 

@@ -100,14 +100,15 @@ class StudyCache:
 
     def _search(self, exp_id: str, flt: str) -> list:
         runs, token = [], None
-        while True:
-            page = self.tracker.client.search_runs([exp_id], filter_string=flt, max_results=queries.PAGE,
-                                                   page_token=token)
-            self.queries += 1
-            runs += list(page)
-            token = page.token
-            if not token:
-                return runs
+        with queries.gc_paused():  # thousands of runs: see queries.gc_paused
+            while True:
+                page = self.tracker.client.search_runs([exp_id], filter_string=flt, max_results=queries.PAGE,
+                                                       page_token=token)
+                self.queries += 1
+                runs += list(page)
+                token = page.token
+                if not token:
+                    return runs
 
     def _entry(self, study: str) -> _Study:
         with self._lock:
@@ -119,7 +120,7 @@ class StudyCache:
     def refresh(self, study: str, force: bool = False) -> int:
         """Bring one study up to date; returns its version (it changes only when something new arrived)."""
         entry = self._entry(study)
-        with entry.lock:
+        with entry.lock, queries.gc_paused():
             if not force and time.monotonic() - entry.checked < self.min_interval:
                 return entry.version
             trials = f"tags.`{TAG_KIND}` != 'sweep'"
@@ -178,12 +179,10 @@ class StudyCache:
             if entry.frame is not None and entry.frame[0] == version:
                 return entry.frame[1]
             items = [(entry.runs[rid], df) for rid, df in entry.points.items()]
-        frames = [queries.label_points(df, run["run_id"], run["method"], run["trial"], run["params"])
-                  for run, df in items]
-        if not frames:
+        out = queries.label_all([(run["run_id"], run["method"], run["trial"], run["params"], df) for run, df in items])
+        if out is None:
             return pd.DataFrame(columns=["run_id", "method", "trial", "policy", "param", "val_acc", "test_acc",
                                          "macs", "test_macs", "params"])
-        out = pd.concat(frames, ignore_index=True)
         out.insert(0, "study", study)
         with entry.lock:
             entry.frame = (version, out)

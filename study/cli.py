@@ -610,14 +610,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from study.search import SAMPLERS, SCHEDULERS
     from trainables.config import DATASETS
-    from trainables.methods import METHODS
-
-    from trainables.methods import get_method
+    from trainables.methods import METHOD_OBJECTIVES, METHODS
 
     # Metrics a method offers as the second objective instead of MACs (nb201: the table's latency, model size).
-    objective_help = {k: f"{h} ({name})" for name in METHODS
-                      for k, h in getattr(get_method(name), "OBJECTIVES", {}).items()}
-    objectives = ["macs", *sorted(objective_help)]
+    offered = sorted({k for keys in METHOD_OBJECTIVES.values() for k in keys})
+    objectives = ["macs", *offered]
     p = _Parser(prog="dynastudy", description="Hyperparameter studies of dynamic neural networks.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -651,7 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "DYNASTUDY_STORAGE_PATH, else <results-dir>/ray)")
     s.add_argument("--objective", default="macs", choices=objectives,
                    help="the second objective, minimised beside validation accuracy: MACs, or a metric a method "
-                        "reports (" + "; ".join(f"{m}: {k}" for m, k in sorted(objective_help.items())) + ")")
+                        "reports (" + "; ".join(f"{m}: {', '.join(keys)}"
+                                               for m, keys in sorted(METHOD_OBJECTIVES.items())) + ")")
     s.add_argument("--compile", action="store_true",
                    help="train every trial through torch.compile (inductor; the first epoch pays the compilation)")
     s.add_argument("--tracking-timeout", type=float, default=300.0,

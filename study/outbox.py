@@ -113,11 +113,23 @@ class Outbox:
     def delete_tag(self, run_id: str, key: str) -> None:
         self._put({"op": "delete_tag", "run": run_id, "key": key})
 
-    def artifact(self, run_id: str, path: Path) -> None:
-        """Queue a file as an artifact of the run (copied now: the caller may delete its own)."""
-        folder = Path(tempfile.mkdtemp(dir=self._spool))
-        shutil.copy2(path, folder / Path(path).name)
-        self._put({"op": "artifact", "run": run_id, "file": str(folder / Path(path).name)})
+    def scratch(self) -> Path:
+        """A new folder of this outbox's own for files to hand over with `artifact(..., take=True)`: they are then
+        not copied, and each goes once it has arrived."""
+        return Path(tempfile.mkdtemp(dir=self._spool))
+
+    def artifact(self, run_id: str, path: Path, take: bool = False) -> None:
+        """Queue a file as an artifact of the run: copied now (the caller may delete its own), or with `take`
+        a file in a `scratch()` folder, taken as it is."""
+        path = Path(path)
+        if take:
+            if path.parent.parent != self._spool:
+                raise ValueError(f"{path} is not in a scratch() folder of this outbox")
+            self._put({"op": "artifact", "run": run_id, "file": str(path)})
+            return
+        folder = self.scratch()
+        shutil.copy2(path, folder / path.name)
+        self._put({"op": "artifact", "run": run_id, "file": str(folder / path.name)})
 
     def status(self, run_id: str, status: str, only_if_running: bool = False,
                tags: dict[str, str] | None = None) -> None:
@@ -271,7 +283,7 @@ class Outbox:
                 self._deliver(op)
                 self.delivered += 1
                 if op["op"] == "artifact" and Path(op["file"]).parent.parent == self._spool:
-                    shutil.rmtree(Path(op["file"]).parent, ignore_errors=True)  # our copy (a model may be large)
+                    _remove(Path(op["file"]))  # our copy (a model may be large)
                 if first_failure is not None:
                     self.delayed += 1
                     self.longest_wait_s = max(self.longest_wait_s, time.monotonic() - first_failure)
@@ -326,3 +338,12 @@ class Outbox:
 def _last_step(client, run_id: str, key: str) -> int:
     history = client.get_metric_history(run_id, key)
     return max((m.step for m in history), default=-1)
+
+
+def _remove(path: Path) -> None:
+    """A delivered file of the spool, and its folder once that is empty (a scratch folder holds several)."""
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass

@@ -4,7 +4,8 @@ The only module that imports `ray.tune.Tuner`. Order matters: every check that c
 ranges, methods, data source, tracking URI, storage URL, study directions) runs before anything is started or
 written, so bad input costs nothing. Then the dataset is decoded or read from cache once and handed to every
 trial through Ray's object store (`tune.with_parameters`), an MLflow parent run opens for this invocation, and
-Tune runs the trials with `StudySearch` (Optuna, study kept in its RDB storage so it outlives the process).
+Tune runs the trials with `StudySearch` (Optuna, study kept in its RDB storage so it outlives the process; on
+SQLite served from memory and written behind, `study.storage`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import optuna
 from study import paths
 from study.search import (METRICS, MODES, OBJECTIVES_ATTR, SAMPLERS, SCHEDULERS, SweepSpace, choice_applies,
                           for_method, is_fixed, make_sampler)
+from study.storage import study_storage
 from study.tracking import (TAG_FAIL, TAG_KIND, TAG_LOST, TAG_PARENT, TAG_RESUMES, TAG_STOPPED, TAG_TRACKING,
                             TAG_TUNE_PATH, Tracker, check_reachable, redact)
 from trainables import data as data_lib
@@ -481,7 +483,7 @@ def run_sweep(spec: SweepSpec, out: TextIO | None = None) -> SweepResult:
                                metric=objective_names(spec.objective),
                                mode=MODES, sampler=make_sampler(spec.sampler, spec.seed + plan.existing_trials,
                                                                 spec.concurrency),
-                               storage=optuna.storages.RDBStorage(spec.storage), study_name=spec.study,
+                               storage=study_storage(spec.storage), study_name=spec.study,
                                sweep_run_id=parent)
         scheduler = None
         if spec.scheduler == "asha":
@@ -546,10 +548,13 @@ def _drive(spec: SweepSpec, arrays, tracker: Tracker, exp_id: str, parent: str, 
         result = SweepResult(parent, outcomes, time.time() - t0, interrupted=status != "FINISHED", trials=spec.trials)
         searcher = _searcher_of(tuner)
         _close_leftovers(tracker, box, exp_id, parent, searcher, status, out)
+        flush_s = _flush_study(searcher, out)
         # Where the time went (benchmarks/sweep_overhead.py): Optuna's suggest and tell on this driver, and per
         # trial the opening of its MLflow run, the wait for its writes at its end, and its whole `fit`.
         result.searcher_s = dict(getattr(searcher, "seconds", {}))
         timing = {f"optuna_{k}_s": v for k, v in result.searcher_s.items()}
+        if flush_s is not None:
+            timing["optuna_flush_s"] = flush_s  # the end's wait for Optuna writes still queued (study.storage)
         timed = [o.timing for o in outcomes if o.timing]
         for k in ("open_s", "end_wait_s", "fit_s") if timed else ():
             timing[f"trial_{k}_mean"] = sum(t.get(k, 0.0) for t in timed) / len(timed)
@@ -561,6 +566,22 @@ def _drive(spec: SweepSpec, arrays, tracker: Tracker, exp_id: str, parent: str, 
         if started:
             ray.shutdown()
     return result
+
+
+def _flush_study(searcher, out: TextIO) -> float | None:
+    """Wait for the Optuna writes a mirrored study still has queued (study.storage); the seconds it took, None
+    when the study is not mirrored. A write the database refused is reported, not raised: MLflow has the trials."""
+    from study.storage import MirroredStorage, StorageWriteError
+
+    storage = getattr(searcher, "_storage", None)
+    if not isinstance(storage, MirroredStorage):
+        return None
+    t0 = time.perf_counter()
+    try:
+        storage.close()
+    except StorageWriteError as e:
+        print(f"optuna: {e}", file=out, flush=True)
+    return time.perf_counter() - t0
 
 
 def _searcher_of(tuner):

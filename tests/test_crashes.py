@@ -54,11 +54,11 @@ class Sweep:
     """A `dynastudy` command on the cluster in its own process, its output in a log."""
 
     def __init__(self, cluster: LocalCluster, study: str, command: str = "sweep", *extra: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, storage: str | None = None) -> None:
         self.cluster, self.study = cluster, study
         self.results = cluster.folder / "results"
         services = ["--ray-address", cluster.ray_address, "--tracking-uri", cluster.tracking_uri,
-                    "--storage", cluster.storage_url, "--results-dir", str(self.results)]
+                    "--storage", storage or cluster.storage_url, "--results-dir", str(self.results)]
         if command == "sweep":
             args = ["sweep", "--method", "elastic", "--study", study, "--dataset", "synthetic", "--subset", "300",
                     "--trials", str(TRIALS), "--concurrency", "2", "--epochs", str(EPOCHS), "--cpus-per-trial", "1",
@@ -132,7 +132,7 @@ def _running_with_epochs(cluster: LocalCluster, study: str, at_least: int, node:
     return None
 
 
-def _check_study(cluster: LocalCluster, study: str) -> dict:
+def _check_study(cluster: LocalCluster, study: str, storage_url: str | None = None) -> dict:
     """What every crash must leave: each trial once in MLflow, FINISHED with every epoch logged once, and every
     Optuna trial of the study finished (COMPLETE, or FAIL for one lost with the driver). Returns the figures."""
     import optuna
@@ -148,7 +148,7 @@ def _check_study(cluster: LocalCluster, study: str) -> dict:
         assert _epochs_logged(cluster, run) == list(range(1, EPOCHS + 1)), run.data.tags
         assert "test_acc" in run.data.metrics and "frontier.parquet" in {
             a.path for a in _client(cluster).list_artifacts(run.info.run_id)}
-    storage = optuna.storages.RDBStorage(cluster.storage_url)
+    storage = optuna.storages.RDBStorage(storage_url or cluster.storage_url)
     try:
         trials = optuna.load_study(study_name=study, storage=storage).trials
     finally:
@@ -212,28 +212,36 @@ def _saved_with_a_checkpoint(cluster: LocalCluster, study: str) -> list[str]:
 
 
 @pytest.mark.timeout(400)
-def test_driver_killed_then_resumed(cluster):
+@pytest.mark.parametrize("optuna_db", ["postgresql", "sqlite"])
+def test_driver_killed_then_resumed(cluster, optuna_db):
+    # On a SQLite file the driver serves the Optuna study from memory and writes it behind (study/storage.py):
+    # what the killed driver had queued is lost, and the resumed one loads the study from the file again.
+    storage = f"sqlite:///{cluster.folder}/optuna-driver.db" if optuna_db == "sqlite" else None
+    study = f"driver-{optuna_db}"
     # Tune saves the sweep's state every 10 s or more by default: a trial started since is unknown to `resume`
     # (closed as lost and replaced; BENCHMARKS.md has a run with the default). Every 2 s here, so that the kill
-    # surely hits a trial that resume continues from its checkpoint.
-    sweep = Sweep(cluster, "driver", env={"TUNE_GLOBAL_CHECKPOINT_S": "2"})
+    # surely hits a trial that resume continues from its checkpoint. Twice the data per epoch: on an idle machine
+    # 300 images made 1-s epochs, and the kill's window (a trial 4 s in with at most EPOCHS - 2 epochs) so
+    # short that polling missed it and the sweep finished first.
+    sweep = Sweep(cluster, study, "sweep", "--subset", "600", env={"TUNE_GLOBAL_CHECKPOINT_S": "2"},
+                  storage=storage)
     try:
         checkpointed = _wait_for("one finished trial and one two epochs in", lambda: any(
-            r.info.status == "FINISHED" for r in _trial_runs(cluster, "driver")) and _saved_with_a_checkpoint(
-            cluster, "driver"), sweep, timeout=240)
+            r.info.status == "FINISHED" for r in _trial_runs(cluster, study)) and _saved_with_a_checkpoint(
+            cluster, study), sweep, timeout=240)
         os.kill(sweep.proc.pid, signal.SIGKILL)  # the driver alone, as a crash would
         sweep.proc.wait()
-        before = {r.data.tags["dynastudy.trial"]: r.info.status for r in _trial_runs(cluster, "driver")}
+        before = {r.data.tags["dynastudy.trial"]: r.info.status for r in _trial_runs(cluster, study)}
     finally:
         sweep.kill()
     finished_before = {t for t, s in before.items() if s == "FINISHED"}
-    resume = Sweep(cluster, "driver", "resume")
+    resume = Sweep(cluster, study, "resume", storage=storage)
     try:
         assert resume.wait(300) == 0, resume.output()
     finally:
         resume.kill()
-    figures = _check_study(cluster, "driver")
-    runs = {r.data.tags["dynastudy.trial"]: r for r in _trial_runs(cluster, "driver")
+    figures = _check_study(cluster, study, storage)
+    runs = {r.data.tags["dynastudy.trial"]: r for r in _trial_runs(cluster, study)
             if "dynastudy.lost" not in r.data.tags}
     for trial in finished_before:  # not trained again: one attempt, started from scratch
         history = _client(cluster).get_metric_history(runs[trial].info.run_id, "attempt_start_epoch")
@@ -245,8 +253,8 @@ def test_driver_killed_then_resumed(cluster):
         [runs[interrupted[0]].info.experiment_id], "tags.`dynastudy.kind` = 'sweep'")]
     assert len(sweep_run) == 1 and sweep_run[0].info.status == "FINISHED"
     assert sweep_run[0].data.tags["dynastudy.resumes"] == "1"
-    _record("driver killed, then dynastudy resume", {**figures, "finished_before_the_kill": len(finished_before),
-                                                      "running_at_the_kill": len(interrupted)})
+    _record(f"driver killed, then dynastudy resume (Optuna on {optuna_db})", {
+        **figures, "finished_before_the_kill": len(finished_before), "running_at_the_kill": len(interrupted)})
 
 
 @pytest.mark.timeout(400)

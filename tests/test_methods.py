@@ -9,7 +9,7 @@ import torch
 
 from trainables import cost as cost_lib
 from trainables.config import TrialConfig
-from trainables.methods import METHODS, get_method
+from trainables.methods import METHOD_OBJECTIVES, METHODS, get_method
 from trainables.outputs import MultiExitOutput
 
 
@@ -126,3 +126,10 @@ def test_segments_missing_a_module_are_detected():
     model.segments = lambda: [s for s in full() if s.name != "block3.shortcut"]
     with pytest.raises(RuntimeError, match="missing from segments"):
         cost_lib.measure(model, 32)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_objectives_table_matches_module(name):
+    # The command line lists second objectives from METHOD_OBJECTIVES without importing the methods.
+    offered = tuple(getattr(get_method(name), "OBJECTIVES", {}))
+    assert METHOD_OBJECTIVES.get(name, ()) == offered

@@ -62,6 +62,20 @@ def test_writes_arrive_in_order_and_replays_add_nothing(store, tmp_path):
         [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
 
 
+def test_files_written_into_a_scratch_folder_are_taken_without_a_copy(store, tmp_path):
+    tracker, run = store
+    box = Outbox(tracker.client)
+    folder = box.scratch()
+    for name in ("a.txt", "b.txt"):
+        (folder / name).write_text(name)
+        box.artifact(run, folder / name, take=True)
+    with pytest.raises(ValueError, match="not in a scratch"):
+        box.artifact(run, tmp_path / "elsewhere.txt", take=True)
+    assert box.flush(30) == 0
+    assert sorted(a.path for a in tracker.client.list_artifacts(run)) == ["a.txt", "b.txt"]
+    assert list(box._spool.iterdir()) == []  # each file went once it arrived, then the empty folder
+
+
 def test_an_outage_never_blocks_and_what_waits_is_saved_then_delivered(store, down, tmp_path):
     tracker, run = store
     box = Outbox(down, max_backoff_s=0.2)

@@ -56,6 +56,12 @@ METHODS: dict[str, str] = {
     "nb201": "trainables.methods.nb201",
 }
 
+# The metrics each method offers as OBJECTIVES (its module is the source; tests check the two agree), here so that
+# the command line can list them without importing torch and every method.
+METHOD_OBJECTIVES: dict[str, tuple[str, ...]] = {
+    "nb201": ("latency_s", "params_m"),
+}
+
 
 def get_method(name: str) -> ModuleType:
     if name not in METHODS:
