@@ -54,7 +54,12 @@ def test_a_service_is_its_session_and_its_descendants(tmp_path):
     script = "trap '' TERM; sleep 60 & setsid sleep 61 & wait"
     service = _start("tree", ["/bin/sh", "-c", script], tmp_path / "tree.log", dict(os.environ), tmp_path)
     deadline = time.monotonic() + 10
-    while len(service.processes(process_table())) < 3 and time.monotonic() < deadline:
+
+    def settled(table) -> bool:  # all three there, and the grandchild through its setsid (a fork runs it first)
+        pids = service.processes(table)
+        return len(pids) == 3 and any(table[p].session != service.pid for p in pids)
+
+    while not settled(process_table()) and time.monotonic() < deadline:
         time.sleep(0.05)
     table = process_table()
     pids = service.processes(table)
