@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dashboard_scale  # noqa: E402  (its frontier and its fill: the layout both benchmarks read)
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 STUDY = "scale"
 
@@ -346,7 +347,7 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {_cpu_model()}",
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_name()}",
               "mlflow": mlflow.__version__, "python": platform.python_version(), "trials": args.trials,
               "points_per_trial": args.points, "max_macs": args.max_macs, "fill_s": {}, "rows": []}
     with unsynced_sqlite(), contextlib.ExitStack() as stack:
@@ -407,14 +408,6 @@ def _terminate(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def _postgres_version(cluster) -> str:

@@ -58,12 +58,15 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainables import data as data_lib  # noqa: E402
 from trainables import loop  # noqa: E402
 from trainables.config import TrialConfig  # noqa: E402
 from trainables.methods import get_method  # noqa: E402
+
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 CASES = {
     "resnet20": {"method": "resnet", "model.depth": 20},
@@ -280,14 +283,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform_lib.processor()
 
 
 def main(argv=None) -> int:
@@ -321,7 +316,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     arrays = data_lib.load_dataset(args.dataset, args.data_dir, args.cache_dir)
     compiles = {"both": (False, True), "off": (False,), "on": (True,)}[args.compile]
-    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "device": args.device,
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "device": args.device,
                "torch": torch.__version__, "python": platform_lib.python_version(),
                "cuda_device": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
                "subset": args.subset, "reps": args.reps, "interleave": args.interleave}
