@@ -5,8 +5,10 @@ SQLite, every trial logged as usual), against the minimum N x duration / concurr
 The trials are `nb201` with `model.sim_seconds` = the duration: a table lookup, then the sleep. Reported: the
 command's wall time (Ray's start and shutdown included) and the sweep's own time (from loading to the last
 trial), the overhead in total and per trial, and where it goes: Optuna's suggest and tell on the driver (the
-sweep run's `optuna_*_s` metrics), and per trial the time to open its MLflow run, the wait at its end for its
-MLflow writes and its whole `fit` (the sweep run's `trial_*_mean` metrics).
+sweep run's `optuna_*_s` metrics); per trial the time to open its MLflow run (in a thread, while the trial starts)
+and how long the trial waited for it, the wait at its end for its MLflow writes and its whole `fit` (the sweep
+run's `trial_*_mean` metrics); and the hand-over between two trials on one actor: from one trial's last report
+to the next trial's start (Tune's result files: each trial's `t_start`, `t_end` and process).
 
 The same N trials through plain Ray Tune (a function that sleeps and reports, no Optuna, no MLflow, Tune's file
 loggers off, actors reused, Ray started and stopped in the run) give Ray's own overhead on the same machine: the
@@ -18,6 +20,7 @@ floor under dynastudy's figure (`--floor`).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import io
 import json
@@ -58,9 +61,23 @@ def run(trials: int, duration: float, concurrency: int, out: Path, sampler: str,
         "overhead_sweep_pct": 100 * (m["sweep_time_s"] - minimum) / minimum,
         "overhead_per_trial_s": (wall - minimum) * concurrency / trials,
         "optuna_suggest_s": m.get("optuna_suggest_s"), "optuna_tell_s": m.get("optuna_tell_s"),
-        **{k: m.get(k) for k in ("trial_open_s_mean", "trial_end_wait_s_mean", "trial_fit_s_mean")},
+        **{k: m.get(k) for k in ("trial_open_s_mean", "trial_open_wait_s_mean", "trial_end_wait_s_mean",
+                                 "trial_fit_s_mean")},
+        "handover_s_mean": handover(out / "ray"),
     }
     return fig
+
+
+def handover(tune_dir: Path) -> float | None:
+    """Mean time from a trial's end (its last report) to the start of the next trial on the same actor process."""
+    by_pid = collections.defaultdict(list)
+    for f in tune_dir.glob("*/*/result.json"):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            if "t_start" in r and "t_end" in r:
+                by_pid[r["pid"]].append((r["t_start"], r["t_end"]))
+    gaps = [b[0] - a[1] for runs in by_pid.values() for a, b in zip(sorted(runs), sorted(runs)[1:])]
+    return sum(gaps) / len(gaps) if gaps else None
 
 
 def ray_floor(trials: int, duration: float, concurrency: int, out: Path) -> dict:
@@ -69,30 +86,36 @@ def ray_floor(trials: int, duration: float, concurrency: int, out: Path) -> dict
     import sys
 
     code = f"""
-import os, time
+import collections, os, time
 os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 t0 = time.perf_counter()
 import ray
 from ray import tune
 def f(config):
+    t_start = time.time()
     time.sleep({duration})
-    tune.report({{"val_acc": 0.5, "macs": 1.0}})
+    tune.report({{"val_acc": 0.5, "macs": 1.0, "t_start": t_start, "t_end": time.time(), "actor": os.getpid()}})
 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-tune.Tuner(tune.with_resources(f, {{"cpu": 1}}), param_space={{"x": tune.uniform(0, 1)}},
+results = tune.Tuner(tune.with_resources(f, {{"cpu": 1}}), param_space={{"x": tune.uniform(0, 1)}},
            tune_config=tune.TuneConfig(num_samples={trials}, max_concurrent_trials={concurrency}, reuse_actors=True),
            run_config=tune.RunConfig(storage_path="{out}", verbose=0)).fit()
 ray.shutdown()
-print(time.perf_counter() - t0)
+wall = time.perf_counter() - t0
+by_actor = collections.defaultdict(list)
+for r in results:
+    by_actor[r.metrics["actor"]].append((r.metrics["t_start"], r.metrics["t_end"]))
+gaps = [b[0] - a[1] for runs in by_actor.values() for a, b in zip(sorted(runs), sorted(runs)[1:])]
+print(sum(gaps) / len(gaps), wall)
 """
     if out.exists():
         shutil.rmtree(out)
-    wall = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                                text=True).stdout.strip().splitlines()[-1])
+    gap, wall = map(float, subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                          text=True).stdout.strip().splitlines()[-1].split())
     minimum = trials * duration / concurrency
     return {"trials": trials, "wall_s": wall, "minimum_s": minimum,
             "overhead_total_pct": 100 * (wall - minimum) / minimum,
-            "overhead_per_trial_s": (wall - minimum) * concurrency / trials}
+            "overhead_per_trial_s": (wall - minimum) * concurrency / trials, "handover_s_mean": gap}
 
 
 def main() -> None:
@@ -117,16 +140,18 @@ def main() -> None:
     print(f"\nmachine: {platform.machine()} {platform.processor() or ''}, {__import__('os').cpu_count()} CPUs, "
           f"python {platform.python_version()}, date {time.strftime('%Y-%m-%d')}")
     print("| N | minimum | wall (command) | overhead | sweep | overhead (sweep) | per trial | Optuna suggest + tell "
-          "| trial: open run | trial: end wait | trial: fit (sleep incl.) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| trial: open run (waited) | trial: end wait | trial: fit (sleep incl.) | hand-over |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['trials']} | {r['minimum_s']:.0f} s | {r['wall_s']:.1f} s | {r['overhead_total_pct']:.1f} % | "
               f"{r['sweep_s']:.1f} s | {r['overhead_sweep_pct']:.1f} % | {r['overhead_per_trial_s']:.3f} s | "
-              f"{r['optuna_suggest_s']:.1f} + {r['optuna_tell_s']:.1f} s | {r['trial_open_s_mean']:.3f} s | "
-              f"{r['trial_end_wait_s_mean']:.3f} s | {r['trial_fit_s_mean']:.3f} s |")
+              f"{r['optuna_suggest_s']:.1f} + {r['optuna_tell_s']:.1f} s | {r['trial_open_s_mean']:.3f} s "
+              f"({r['trial_open_wait_s_mean']:.3f} s) | {r['trial_end_wait_s_mean']:.3f} s | "
+              f"{r['trial_fit_s_mean']:.3f} s | {r['handover_s_mean']:.3f} s |")
     for f in floors:
         print(f"plain Ray Tune, N = {f['trials']}: {f['wall_s']:.1f} s for a minimum of {f['minimum_s']:.0f} s: "
-              f"{f['overhead_total_pct']:.1f} % ({f['overhead_per_trial_s']:.3f} s per trial)")
+              f"{f['overhead_total_pct']:.1f} % ({f['overhead_per_trial_s']:.3f} s per trial; hand-over "
+              f"{f['handover_s_mean']:.3f} s)")
     if a.json:
         a.json.write_text(json.dumps({"rows": rows, "ray_floor": floors, "machine": platform.platform(), "cpus": __import__("os").cpu_count(),
                                       "date": time.strftime("%Y-%m-%d %H:%M")}, indent=1))

@@ -76,11 +76,10 @@ class Outbox:
         self.max_backoff_s = max_backoff_s
         self._ops: collections.deque[dict] = collections.deque()
         self._cond = threading.Condition()
-        self._busy = False  # an operation is being delivered (not in _ops any more, not delivered yet)
         self._closed = False
         self._detached = False  # deliver what is queued, then end
         self._thread: threading.Thread | None = None
-        self._current: dict | None = None
+        self._current: list[dict] = []  # the operations being delivered (not in _ops any more, not delivered yet)
         self._last_ts = 0  # ms of the last metrics queued
         self._spool = Path(tempfile.mkdtemp(prefix="dynastudy-outbox-"))  # copies of queued artifact files
         weakref.finalize(self, shutil.rmtree, str(self._spool), True)
@@ -158,18 +157,18 @@ class Outbox:
     @property
     def pending(self) -> int:
         with self._cond:
-            return len(self._ops) + self._busy
+            return len(self._ops) + len(self._current)
 
     def flush(self, timeout: float) -> int:
         """Wait up to `timeout` seconds for everything queued to arrive; returns how many operations have not."""
         end = time.monotonic() + timeout
         with self._cond:
-            while (self._ops or self._busy) and self._thread is not None:
+            while (self._ops or self._current) and self._thread is not None:
                 left = end - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(min(left, 0.5))
-            return len(self._ops) + self._busy
+            return len(self._ops) + len(self._current)
 
     def close(self, timeout: float = 30.0) -> int:
         """Stop delivering (after the operation in flight, waiting at most `timeout` s); returns what is left.
@@ -190,10 +189,7 @@ class Outbox:
     def snapshot(self) -> list[dict]:
         """The operations not delivered yet, in order (the one in flight included)."""
         with self._cond:
-            ops = list(self._ops)
-            if self._busy and self._current is not None:
-                ops.insert(0, self._current)
-            return [dict(op) for op in ops]
+            return [dict(op) for op in [*self._current, *self._ops]]
 
     def save(self, folder: Path) -> int:
         """Write what has not arrived into `folder` (a checkpoint's): `outbox.jsonl`, and the artifact files it
@@ -265,31 +261,33 @@ class Outbox:
                 if self._closed or not self._ops:
                     self._cond.notify_all()
                     return
-                op = self._current = self._ops.popleft()
-                self._busy = True
-            delivered = self._deliver_with_retry(op)
+                group = self._current = _take_group(self._ops)
+            delivered = self._deliver_with_retry(group)
             with self._cond:
-                self._busy = False
-                self._current = None
-                if not delivered:  # closed while the store was unreachable: keep it for `save`
-                    self._ops.appendleft(op)
+                self._current = []
+                if not delivered:  # closed while the store was unreachable: keep them for `save`
+                    self._ops.extendleft(reversed(group))
                 self._cond.notify_all()
 
-    def _deliver_with_retry(self, op: dict) -> bool:
+    def _deliver_with_retry(self, group: list[dict]) -> bool:
         first_failure = None
         pause = 0.5
         while True:
             try:
-                self._deliver(op)
-                self.delivered += 1
-                if op["op"] == "artifact" and Path(op["file"]).parent.parent == self._spool:
-                    _remove(Path(op["file"]))  # our copy (a model may be large)
+                self._deliver_group(group)
+                self.delivered += len(group)
+                for op in group:
+                    if op["op"] == "artifact" and Path(op["file"]).parent.parent == self._spool:
+                        _remove(Path(op["file"]))  # our copy (a model may be large)
                 if first_failure is not None:
-                    self.delayed += 1
+                    self.delayed += len(group)
                     self.longest_wait_s = max(self.longest_wait_s, time.monotonic() - first_failure)
                 return True
             except Exception as e:
                 if not is_transient(e):
+                    if len(group) > 1:  # one of them is refused: deliver them one by one, to lose only that one
+                        return all([self._deliver_with_retry([op]) for op in group])
+                    op = group[0]
                     self.rejected.append(f"{op['op']} for run {op.get('run', '?')}: {str(e).splitlines()[0][:200]}")
                     return True  # dropped: it can never arrive
                 self.last_error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
@@ -301,6 +299,17 @@ class Outbox:
                 if self._closed:
                     return False
             pause = min(pause * 2, self.max_backoff_s)
+
+    def _deliver_group(self, group: list[dict]) -> None:
+        if len(group) == 1:
+            return self._deliver(group[0])
+        run = group[0]["run"]
+        if group[0]["op"] == "artifact":  # the whole scratch folder (`_take_group`): one call, one lookup of the run
+            return self.client.log_artifacts(run, str(Path(group[0]["file"]).parent))
+        metrics = [Metric(k, v, ts, step) for op in group if op["op"] == "metrics" for k, v, ts, step in op["items"]]
+        params = [Param(k, v) for op in group if op["op"] == "params" for k, v in op["items"].items()]
+        tags = {op["key"]: RunTag(op["key"], op["value"]) for op in group if op["op"] == "tag"}  # the last one wins
+        self.client.log_batch(run, metrics=metrics, params=params, tags=list(tags.values()))
 
     def _deliver(self, op: dict) -> None:
         c, run, kind = self.client, op.get("run"), op["op"]
@@ -333,6 +342,53 @@ class Outbox:
                 c.set_terminated(run, op["status"], end_time=op.get("end_time"))
         else:
             raise ValueError(f"unknown outbox operation {kind!r}")
+
+
+# What one MLflow log_batch takes (its documented limits).
+BATCH_METRICS, BATCH_PARAMS, BATCH_TAGS, BATCH_TOTAL = 1000, 100, 100, 1000
+
+
+def _size(op: dict) -> tuple[int, int, int]:
+    kind = op["op"]
+    return (len(op["items"]) if kind == "metrics" else 0, len(op["items"]) if kind == "params" else 0,
+            1 if kind == "tag" else 0)
+
+
+def _batchable(op: dict) -> bool:
+    return op["op"] in ("params", "tag") or (op["op"] == "metrics" and not op.get("skip_logged"))
+
+
+def _take_group(ops: collections.deque) -> list[dict]:
+    """The next operations to deliver in one call, taken off `ops`: consecutive metrics, params and tags of one
+    run as one log_batch, or the files of one scratch folder as one log_artifacts when they are all of it;
+    otherwise the first operation alone. Every write to a SQLite store is a transaction of several ms, and a trial
+    ends with a few of them queued at once (benchmarks/sweep_overhead.py)."""
+    group = [ops.popleft()]
+    first = group[0]
+    if _batchable(first):
+        m, p, t = _size(first)
+        while ops and _batchable(ops[0]) and ops[0]["run"] == first["run"]:
+            dm, dp, dt = _size(ops[0])
+            if m + dm > BATCH_METRICS or p + dp > BATCH_PARAMS or t + dt > BATCH_TAGS or \
+                    m + dm + p + dp + t + dt > BATCH_TOTAL:
+                break
+            m, p, t = m + dm, p + dp, t + dt
+            group.append(ops.popleft())
+    elif first["op"] == "artifact":
+        folder = Path(first["file"]).parent
+        k = 0  # how many of the next operations are files of the same folder for the same run
+        while k < len(ops) and ops[k]["op"] == "artifact" and ops[k]["run"] == first["run"] and \
+                Path(ops[k]["file"]).parent == folder:
+            k += 1
+        # Only a folder whose files are exactly these (not one with a file queued later, or delivered already).
+        names = sorted([Path(first["file"]).name] + [Path(ops[i]["file"]).name for i in range(k)])
+        try:
+            whole = k > 0 and sorted(p.name for p in folder.iterdir()) == names
+        except OSError:
+            whole = False
+        if whole:
+            group += [ops.popleft() for _ in range(k)]
+    return group
 
 
 def _last_step(client, run_id: str, key: str) -> int:

@@ -35,6 +35,7 @@ from trainables.methods import get_method
 
 ASHA_MAX_T = 100_000  # reports; above any trial's (epochs, or pruning levels + 1)
 SPEC_FILE = "sweep.json"  # artifact of the sweep run: the SweepSpec, for `dynastudy resume`
+TRIAL_TIMING = ("open_s", "open_wait_s", "end_wait_s", "fit_s")  # seconds a trial reports of where its time went
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,7 +372,7 @@ def _progress_callback(box, total: int, out: TextIO, outcomes: list[TrialOutcome
                                                   "the trial ended")
             o = TrialOutcome(trial.trial_id, str(r.get("method", trial.config.get("method", "?"))), status,
                              r.get("val_acc"), r.get("macs"), float(r.get("time_total_s", 0.0)), run_id,
-                             {k: float(r[k]) for k in ("open_s", "end_wait_s", "fit_s") if k in r})
+                             {k: float(r[k]) for k in TRIAL_TIMING if k in r})
             outcomes.append(o)
             acc = f"val_acc={o.val_acc:.4f}" if o.val_acc is not None else "val_acc=-"
             macs = f"macs={o.macs / 1e6:.2f}M" if o.macs is not None else "macs=-"
@@ -507,7 +508,7 @@ def run_sweep(spec: SweepSpec, out: TextIO | None = None) -> SweepResult:
 
 
 def _drive(spec: SweepSpec, arrays, tracker: Tracker, exp_id: str, parent: str, make_tuner, out: TextIO,
-           t0: float, done: int = 0) -> SweepResult:
+           t0: float, done: int = 0, resumed: bool = False) -> SweepResult:
     """Run (or continue) the sweep's Tuner on Ray; whatever happens, leave nothing of it RUNNING."""
     import ray
     from ray import tune
@@ -532,7 +533,7 @@ def _drive(spec: SweepSpec, arrays, tracker: Tracker, exp_id: str, parent: str, 
         env = TrialEnv(study=spec.study, fixed={m: fixed_for(m, spec.fixed, spec.methods) for m in spec.methods},
                        tracking_uri=spec.tracking_uri, experiment_id=exp_id, parent_run_id=parent,
                        context=RunContext(device=device, threads=max(1, int(spec.cpus_per_trial)),
-                                          compile=spec.compile))
+                                          compile=spec.compile), resumed=resumed)
         resources = {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
         ended: dict[str, int] = {}
         callbacks = [_progress_callback(box, spec.trials, out, outcomes, ended, done), JsonLoggerCallback()]
@@ -550,13 +551,14 @@ def _drive(spec: SweepSpec, arrays, tracker: Tracker, exp_id: str, parent: str, 
         _close_leftovers(tracker, box, exp_id, parent, searcher, status, out)
         flush_s = _flush_study(searcher, out)
         # Where the time went (benchmarks/sweep_overhead.py): Optuna's suggest and tell on this driver, and per
-        # trial the opening of its MLflow run, the wait for its writes at its end, and its whole `fit`.
+        # trial the opening of its MLflow run (and the trial's wait for it), the wait for its writes at its end,
+        # and its whole `fit`.
         result.searcher_s = dict(getattr(searcher, "seconds", {}))
         timing = {f"optuna_{k}_s": v for k, v in result.searcher_s.items()}
         if flush_s is not None:
             timing["optuna_flush_s"] = flush_s  # the end's wait for Optuna writes still queued (study.storage)
         timed = [o.timing for o in outcomes if o.timing]
-        for k in ("open_s", "end_wait_s", "fit_s") if timed else ():
+        for k in TRIAL_TIMING if timed else ():
             timing[f"trial_{k}_mean"] = sum(t.get(k, 0.0) for t in timed) / len(timed)
         box.metrics(parent, {"trials_complete": result.count("complete"), "trials_stopped": result.count("stopped"),
                              "trials_failed": result.count("error") + result.count("diverged"),
@@ -728,4 +730,4 @@ def resume_sweep(study: str, tracking_uri: str, storage: str, results_dir: Path,
         tuner._local_tuner._run_config.callbacks = callbacks
         return tuner
 
-    return _drive(spec, arrays, tracker, exp_id, parent, make_tuner, out, t0, done)
+    return _drive(spec, arrays, tracker, exp_id, parent, make_tuner, out, t0, done, resumed=True)

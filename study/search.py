@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any, Sequence
 
 import optuna
@@ -28,10 +29,32 @@ def make_sampler(name: str, seed: int | None, concurrency: int = 1) -> optuna.sa
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, constant_liar=concurrency > 1)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
+        return NSGAIISampler(seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ConfigError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
+
+
+_LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
+
+
+class NSGAIISampler(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II, picklable: Tune saves the searcher, sampler included, with the sweep's state, and from
+    Optuna 5.1 the sampler holds a thread lock, which pickle refuses. The lock is left out and made anew."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        locks = [k for k, v in state.items() if isinstance(v, _LOCK_TYPES)]
+        for k in locks:
+            state[k] = type(state[k]) is type(threading.RLock())
+        state["_dynastudy_locks"] = locks
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        locks = state.pop("_dynastudy_locks", [])
+        self.__dict__.update(state)
+        for k in locks:
+            setattr(self, k, threading.RLock() if state[k] else threading.Lock())
 
 
 def is_fixed(name: str, fixed: dict[str, Any]) -> bool:

@@ -293,7 +293,8 @@ class Tracker:
 def write_config(cfg, folder: Path) -> Path:
     """The trial's resolved config as `config.yaml` in `folder` (logged as an artifact, read by `load_trial`)."""
     path = Path(folder) / CONFIG
-    path.write_text(yaml.safe_dump(cfg.to_flat(), sort_keys=False))
+    # libyaml's dumper where PyYAML has it: the same YAML, in a quarter of the pure-Python dumper's time.
+    path.write_text(yaml.dump(cfg.to_flat(), Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False))
     return path
 
 

@@ -76,6 +76,75 @@ def test_files_written_into_a_scratch_folder_are_taken_without_a_copy(store, tmp
     assert list(box._spool.iterdir()) == []  # each file went once it arrived, then the empty folder
 
 
+class CountingClient:
+    """A real MLflow client that counts the calls made on it."""
+
+    def __init__(self, client) -> None:
+        self.client, self.calls = client, []
+
+    def __getattr__(self, name):
+        attr = getattr(self.client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            return attr(*args, **kwargs)
+        return call
+
+
+def test_what_is_queued_together_goes_in_as_few_calls_as_the_store_takes(store):
+    """A trial's end queues metrics, tags, its files and its status at once: one log_batch, one log_artifacts,
+    then the status, with what arrives the same as one call per write."""
+    tracker, run = store
+    spy = CountingClient(tracker.client)
+    box = Outbox(spy)
+    with box._cond:  # held: the delivering thread sees everything queued at once, as at a trial's end
+        box.metrics(run, {"val_acc": 0.5, "loss": 1.0}, step=1)
+        box.metrics(run, {"val_acc": 0.6}, step=1)  # the final value at the same step: the later one is the run's
+        box.params(run, {"lr": 0.1, "depth": 20})
+        box.tag(run, "k", "first")
+        box.tag(run, "k", "second")
+        folder = box.scratch()
+        for name in ("frontier.parquet", "cost.json"):
+            (folder / name).write_text(name)
+            box.artifact(run, folder / name, take=True)
+        box.status(run, "FINISHED")
+        box.params(run, {"after": 1})
+    assert box.flush(30) == 0 and box.delivered == 9 and not box.rejected
+    assert spy.calls == ["log_batch", "log_artifacts", "set_terminated", "log_batch"]
+    got = tracker.client.get_run(run)
+    assert got.info.status == "FINISHED" and got.data.tags["k"] == "second"
+    assert got.data.params == {"lr": "0.1", "depth": "20", "after": "1"}
+    assert got.data.metrics == {"val_acc": 0.6, "loss": 1.0}
+    assert [(m.step, m.value) for m in tracker.client.get_metric_history(run, "val_acc")] == [(1, 0.5), (1, 0.6)]
+    assert sorted(a.path for a in tracker.client.list_artifacts(run)) == ["cost.json", "frontier.parquet"]
+    assert list(box._spool.iterdir()) == []
+
+    # A batch the store refuses (a changed param) is delivered one by one: only the bad write is lost.
+    spy.calls.clear()
+    with box._cond:
+        box.metrics(run, {"loss": 0.5}, step=2)
+        box.params(run, {"lr": 0.2})
+        box.tag(run, "after", "yes")
+    assert box.flush(30) == 0 and len(box.rejected) == 1 and "lr" in box.rejected[0]
+    assert spy.calls == ["log_batch"] * 4
+    got = tracker.client.get_run(run)
+    assert got.data.tags["after"] == "yes" and got.data.metrics["loss"] == 0.5 and got.data.params["lr"] == "0.1"
+
+    # Files of a folder that holds more than what is queued go one by one.
+    spy.calls.clear()
+    folder = box.scratch()
+    with box._cond:
+        for name in ("a.txt", "b.txt"):
+            (folder / name).write_text(name)
+        box.artifact(run, folder / "a.txt", take=True)
+    assert box.flush(30) == 0 and spy.calls == ["log_artifact"]
+    box.artifact(run, folder / "b.txt", take=True)
+    assert box.flush(30) == 0 and spy.calls == ["log_artifact"] * 2
+    assert {"a.txt", "b.txt"} <= {a.path for a in tracker.client.list_artifacts(run)}
+
+
 def test_an_outage_never_blocks_and_what_waits_is_saved_then_delivered(store, down, tmp_path):
     tracker, run = store
     box = Outbox(down, max_backoff_s=0.2)

@@ -9,7 +9,9 @@ not retry a deterministic failure. The only module of `trainables/` that imports
 MLflow writes go through an `Outbox` (study/outbox.py): training never waits for the tracking server. What has
 not arrived when a checkpoint is taken is saved in it, so a trial retried on another node, or the sweep's driver
 after the trial ended, delivers it; the last result says how much is still on its way (`tracking_pending`).
-Only the trial's run id is needed at once: a trial that starts while the server is down waits for it.
+Only the trial's run id is needed before its first report: it is looked up or created in a thread while the
+trial starts (a trial that starts while the server is down trains meanwhile, and waits for it at its first
+report).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from ray import tune
@@ -47,6 +50,9 @@ class TrialEnv:
     parent_run_id: str
     context: RunContext
     open_timeout_s: float = 600.0  # how long a starting trial waits for the tracking server (it needs a run id)
+    # A resumed sweep re-runs trials that may have finished after its last saved state: such a trial must learn
+    # that from its run before it trains (`_finished_result`), so it does not train while the run is opened.
+    resumed: bool = False
 
 
 def resolve_config(fixed: dict[str, Any], suggested: dict[str, Any]) -> TrialConfig:
@@ -81,6 +87,44 @@ def _open_run(tracker, env: TrialEnv, cfg: TrialConfig, trial_id: str, run_id: s
                  on_wait=lambda m: print(m, file=sys.stderr, flush=True))
 
 
+class _OpeningRun:
+    """`_open_run` in a thread, started with the trial: a fresh trial's search and create (about 0.05 s on
+    SQLite, more against a server) overlap its setup and first epoch instead of preceding them
+    (benchmarks/sweep_overhead.py). The run id from a checkpoint is known at once."""
+
+    def __init__(self, tracker, env: TrialEnv, cfg: TrialConfig, trial_id: str, run_id: str | None,
+                 on_new: Callable[[str], None]) -> None:
+        self.seconds = 0.0  # how long the open took (in its thread)
+        self._on_new = on_new  # called in the thread with a new run's id: its start writes are queued at once
+        self._result: tuple[str, bool] | None = (run_id, True) if run_id is not None else None
+        self._error: BaseException | None = None
+        self._thread = None
+        if run_id is None:
+            self._thread = threading.Thread(target=self._open, args=(tracker, env, cfg, trial_id), daemon=True,
+                                            name="dynastudy-open-run")
+            self._thread.start()
+
+    def _open(self, *args) -> None:
+        t0 = time.perf_counter()
+        try:
+            result = _open_run(*args, None)
+            self.seconds = time.perf_counter() - t0
+            if not result[1]:
+                self._on_new(result[0])
+            self._result = result
+        except BaseException as e:  # re-raised in the trial's own thread by `result`
+            self._error = e
+
+    def result(self) -> tuple[str, bool]:
+        """(run id, whether it existed), once the open has ended; its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+
 def _finished_result(tracker, env: TrialEnv, run_id: str) -> dict[str, Any] | None:
     """The result a trial's run holds if the trial has finished (status FINISHED with its final metrics)."""
     from study.outbox import retry
@@ -99,7 +143,7 @@ def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays | None)
     from study.tracking import (TAG_FAIL, TAG_NODE, TAG_NODES, TAG_NOTES, TAG_RESUMED, TAG_TRACKING, Tracker,
                                 final_files, final_metrics, node_name, write_config)
 
-    started = time.perf_counter()
+    t_start = time.time()  # wall clock: with `t_end`, the hand-over between trials (benchmarks/sweep_overhead.py)
     bounded_http_retries()
     cfg = resolve_config(env.fixed[config["method"]], config)
     trial_id = tune.get_context().get_trial_id()
@@ -113,35 +157,66 @@ def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays | None)
                 state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
             meta = json.loads((Path(d) / META_FILE).read_text())
             box.adopt(Path(d))  # what the attempt that wrote it had not delivered yet
-    run_id, existed = _open_run(tracker, env, cfg, trial_id, meta.get("mlflow_run_id"))
-    # Where a trial's time goes besides `fit` (benchmarks/sweep_overhead.py): opening its run, the end's wait.
-    timing = {"open_s": time.perf_counter() - started}
-    common = {"mlflow_run_id": run_id, "config_hash": cfg.config_hash(), "method": cfg.method}
-    if existed and (logged := _finished_result(tracker, env, run_id)) is not None:
-        # It ended after the sweep's last saved state and `dynastudy resume` runs it again: its result stands.
+    # Where a trial's time goes besides `fit` (benchmarks/sweep_overhead.py): opening its run (and how long the
+    # trial waited for that), the end's wait.
+    timing: dict[str, float] = {}
+    common = {"config_hash": cfg.config_hash(), "method": cfg.method}
+    start_epoch = epoch = state["epoch"] if state else 0
+    nodes = [*meta.get("nodes", []), node_name()]
+    run_id: str | None = None
+    existed = False
+
+    def start_writes(new_run: str, retried: bool) -> None:
+        """What a start writes: the params and config of a new run, or a retried run's return to RUNNING."""
+        if retried:  # a retried trial continues its run: RUNNING again, without the failure of the attempt before
+            box.delete_tag(new_run, TAG_FAIL)
+            box.status(new_run, "RUNNING")
+            box.tag(new_run, TAG_NODE, nodes[-1])
+            if state is not None:
+                box.tag(new_run, TAG_RESUMED, f"epoch {start_epoch} (checkpoint), attempt {len(nodes)}, "
+                                              f"node {nodes[-1]}")
+        else:
+            box.params(new_run, cfg.to_flat())
+            # Written straight into the outbox's spool (no temporary folder, no copy): on a busy disk every folder
+            # made and removed costs a few ms, and a 1-s trial makes the difference (benchmarks/sweep_overhead.py).
+            box.artifact(new_run, write_config(cfg, box.scratch()), take=True)
+        box.tag(new_run, TAG_NODES, ",".join(nodes))
+        # One point per attempt (step = attempt): the epoch it started from, 0 for a start from scratch.
+        box.metrics(new_run, {"attempt_start_epoch": start_epoch}, step=len(nodes))
+
+    # A new run's start writes are queued by the opening thread (delivered while the trial trains); a run that
+    # existed may have finished, and `begin` looks at it first.
+    opening = _OpeningRun(tracker, env, cfg, trial_id, meta.get("mlflow_run_id"), on_new=lambda new_run: start_writes(new_run, retried=False))
+
+    def begin() -> dict[str, Any] | None:
+        """Wait for the run (and queue a retried run's start writes). Returns the run's logged result instead when
+        it had finished already: it ended after the sweep's last saved state and `dynastudy resume` runs it again."""
+        nonlocal run_id, existed
+        t0 = time.perf_counter()
+        run_id, existed = opening.result()
+        timing.update(open_s=opening.seconds, open_wait_s=time.perf_counter() - t0)
+        common["mlflow_run_id"] = run_id
+        if existed:
+            if (logged := _finished_result(tracker, env, run_id)) is not None:
+                return logged
+            start_writes(run_id, retried=True)
+        return None
+
+    def replay(logged: dict[str, Any]) -> None:
         box.close(timeout=0)
         tune.report({**logged, **common, "replayed": 1})
-        return
-    epoch = state["epoch"] if state else 0
-    nodes = [*meta.get("nodes", []), node_name()]
-    if existed:  # a retried trial continues its run: RUNNING again, without the failure of the attempt before
-        box.delete_tag(run_id, TAG_FAIL)
-        box.status(run_id, "RUNNING")
-        box.tag(run_id, TAG_NODE, nodes[-1])
-        if state is not None:
-            box.tag(run_id, TAG_RESUMED, f"epoch {epoch} (checkpoint), attempt {len(nodes)}, node {nodes[-1]}")
-    else:
-        box.params(run_id, cfg.to_flat())
-        # Written straight into the outbox's spool (no temporary folder, no copy): on a busy disk every folder
-        # made and removed costs a few ms, and a 1-s trial makes the difference (benchmarks/sweep_overhead.py).
-        box.artifact(run_id, write_config(cfg, box.scratch()), take=True)
-    box.tag(run_id, TAG_NODES, ",".join(nodes))
-    # One point per attempt (step = attempt): the epoch it started from, 0 for a start from scratch.
-    box.metrics(run_id, {"attempt_start_epoch": epoch}, step=len(nodes))
+
+    if env.resumed or meta.get("mlflow_run_id"):
+        # A run that may have finished is looked at before training (and a known run id costs no wait).
+        if (logged := begin()) is not None:
+            replay(logged)
+            return
 
     def end(status: str, reason: str | None = None) -> dict[str, Any]:
         """Queue the run's end, wait a little for the server, stop delivering: what is left rides on the
         checkpoint (or is lost with a trial that raises, whose retry replays its last checkpoint instead)."""
+        if run_id is None:  # it failed before its first report: the run is needed to say so
+            begin()
         t0 = time.perf_counter()
         if reason:
             box.tag(run_id, TAG_FAIL, reason[:5000])
@@ -165,7 +240,12 @@ def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays | None)
     try:
         fit_started = time.perf_counter()
         tabular = getattr(get_method(cfg.method), "TABULAR", False)  # looks results up: no data to split
-        for report in fit(cfg, None if tabular else make_splits(data, cfg.data), env.context, state):
+        reports = fit(cfg, None if tabular else make_splits(data, cfg.data), env.context, state)
+        for report in reports:
+            if run_id is None and (logged := begin()) is not None:
+                reports.close()
+                replay(logged)
+                return
             epoch = report.epoch
             box.metrics(run_id, report.metrics, step=report.epoch, skip_logged=existed)
             result = {**report.metrics, **common, "epoch": report.epoch, "final": 0}
@@ -180,7 +260,7 @@ def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays | None)
                 if final.notes:
                     result["notes"] = " | ".join(final.notes)
                 result.update(end("FINISHED"))
-                result.update(timing, fit_s=time.perf_counter() - fit_started)
+                result.update(timing, fit_s=time.perf_counter() - fit_started, t_start=t_start, t_end=time.time())
             if result["final"] and not result.get("tracking_pending"):
                 # Nothing is left to hand over, and a finished trial never resumes: no checkpoint to write and
                 # persist (a retry after a driver crash finds the FINISHED run and replays it, `_finished_result`).
@@ -190,8 +270,9 @@ def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays | None)
     except Diverged as e:
         # Tune insists on the searched metrics in every result. val_acc 0 ranks a diverged trial last for ASHA;
         # StudySearch tells Optuna FAIL before either value is used.
+        ended = end("FAILED", str(e))  # first: it opens the run of a trial that diverged before its first report
         report_to_tune({**common, "epoch": epoch, "final": 0, "diverged": 1, "fail_reason": str(e),
-                        "val_acc": 0.0, "macs": float("nan"), **end("FAILED", str(e))})
+                        "val_acc": 0.0, "macs": float("nan"), **ended})
         return
     except Exception as e:
         end("FAILED", f"{type(e).__name__}: {e}")
