@@ -187,7 +187,7 @@ class Outbox:
             self._cond.notify_all()
 
     def snapshot(self) -> list[dict]:
-        """The operations not delivered yet, in order (the one in flight included)."""
+        """The operations not delivered yet, in order (those in flight included)."""
         with self._cond:
             return [dict(op) for op in [*self._current, *self._ops]]
 
