@@ -76,7 +76,7 @@ def handover(tune_dir: Path) -> float | None:
             r = json.loads(line)
             if "t_start" in r and "t_end" in r:
                 by_pid[r["pid"]].append((r["t_start"], r["t_end"]))
-    gaps = [b[0] - a[1] for runs in by_pid.values() for a, b in zip(sorted(runs), sorted(runs)[1:])]
+    gaps = [b[0] - a[1] for runs in map(sorted, by_pid.values()) for a, b in zip(runs, runs[1:])]
     return sum(gaps) / len(gaps) if gaps else None
 
 

@@ -69,13 +69,10 @@ def bounded_http_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
-def _open_run(tracker, env: TrialEnv, cfg: TrialConfig, trial_id: str, run_id: str | None) -> tuple[str, bool]:
-    """The trial's MLflow run: the one its checkpoint names, else the one an earlier attempt made, else a new one.
+def _open_run(tracker, env: TrialEnv, cfg: TrialConfig, trial_id: str) -> tuple[str, bool]:
+    """The trial's MLflow run when its checkpoint names none: the one an earlier attempt made, else a new one.
     Returns (run id, whether it existed)."""
     from study.outbox import retry
-
-    if run_id is not None:
-        return run_id, True
 
     def find_or_create() -> tuple[str, bool]:
         found = tracker.find_trial(env.experiment_id, env.parent_run_id, trial_id, cfg.config_hash())
@@ -104,10 +101,10 @@ class _OpeningRun:
                                             name="dynastudy-open-run")
             self._thread.start()
 
-    def _open(self, *args) -> None:
+    def _open(self, tracker, env: TrialEnv, cfg: TrialConfig, trial_id: str) -> None:
         t0 = time.perf_counter()
         try:
-            result = _open_run(*args, None)
+            result = _open_run(tracker, env, cfg, trial_id)
             self.seconds = time.perf_counter() - t0
             if not result[1]:
                 self._on_new(result[0])
@@ -186,7 +183,8 @@ def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays | None)
 
     # A new run's start writes are queued by the opening thread (delivered while the trial trains); a run that
     # existed may have finished, and `begin` looks at it first.
-    opening = _OpeningRun(tracker, env, cfg, trial_id, meta.get("mlflow_run_id"), on_new=lambda new_run: start_writes(new_run, retried=False))
+    opening = _OpeningRun(tracker, env, cfg, trial_id, meta.get("mlflow_run_id"),
+                          on_new=lambda new_run: start_writes(new_run, retried=False))
 
     def begin() -> dict[str, Any] | None:
         """Wait for the run (and queue a retried run's start writes). Returns the run's logged result instead when
