@@ -4,7 +4,8 @@ find fronts as good as Optuna alone, and do the samplers beat random search?
 Each run searches the 15,625 cells of `nb201` with 100 trials, for every sampler and seed, on two paths:
   dynastudy   `study.runner.run_sweep`, what `dynastudy sweep --method nb201 --objective latency_s` runs: Ray Tune
               trials (2 at a time, so suggestions are made while other trials are still out), Optuna on SQLite,
-              every trial logged to MLflow (SQLite). One local Ray serves all runs.
+              every trial logged to MLflow (SQLite), `--ask-ahead` as given (default `auto`, as the command's).
+              One local Ray serves all runs.
   optuna      plain Optuna in one process (in-memory storage, sequential), the same space function and sampler.
 The hypervolume of each run's trials is taken against one fixed reference point (val_acc 0.70, latency 26 ms: the
 table's slowest cell is 25.6 ms), in accuracy x milliseconds, and compared with the hypervolume of the true front
@@ -71,7 +72,8 @@ def plain_optuna(sampler: str, seed: int, trials: int) -> tuple[float, float]:
     return hv(vals[:, 0], vals[:, 1] * 1e3), time.perf_counter() - t0
 
 
-def dynastudy_path(sampler: str, seed: int, trials: int, out: Path, concurrency: int) -> tuple[float, float, int]:
+def dynastudy_path(sampler: str, seed: int, trials: int, out: Path, concurrency: int,
+                   ask_ahead: str) -> tuple[float, float, int, int]:
     import contextlib
     import io
 
@@ -80,7 +82,8 @@ def dynastudy_path(sampler: str, seed: int, trials: int, out: Path, concurrency:
     name = f"{sampler}-{seed}"
     spec = SweepSpec(study=name, methods=("nb201",), trials=trials, fixed={"method": "nb201"}, results_dir=out,
                      tracking_uri=f"sqlite:///{out}/mlflow.db", storage=f"sqlite:///{out}/optuna.db",
-                     concurrency=concurrency, sampler=sampler, seed=seed, objective="latency_s")
+                     concurrency=concurrency, sampler=sampler, seed=seed, objective="latency_s",
+                     ask_ahead=ask_ahead)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         result = run_sweep(spec)
@@ -94,7 +97,7 @@ def dynastudy_path(sampler: str, seed: int, trials: int, out: Path, concurrency:
         e = lookup(t.params)
         wrong += not (math.isclose(t.values[0], e["val_acc"]) and math.isclose(t.values[1], e["latency_s"]))
     vals = np.array([t.values for t in done])
-    return hv(vals[:, 0], vals[:, 1] * 1e3), seconds, wrong
+    return hv(vals[:, 0], vals[:, 1] * 1e3), seconds, wrong, result.asked_ahead
 
 
 def mean_se(xs: list[float]) -> tuple[float, float]:
@@ -107,6 +110,7 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=100)
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
+    p.add_argument("--ask-ahead", default="auto", choices=("auto", "on", "off"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--json", type=Path)
     a = p.parse_args()
@@ -124,18 +128,21 @@ def main() -> None:
           f"(val_acc {REF_ACC}, latency {REF_LATENCY_MS} ms)", flush=True)
     runs: dict[str, dict[str, list]] = {}
     for sampler in a.samplers:
-        r = runs.setdefault(sampler, {"dynastudy": [], "optuna": [], "dynastudy_s": [], "optuna_s": [], "wrong": 0})
+        r = runs.setdefault(sampler, {"dynastudy": [], "optuna": [], "dynastudy_s": [], "optuna_s": [], "wrong": 0,
+                                      "asked_ahead": []})
         for seed in range(a.seeds):
             h_opt, s_opt = plain_optuna(sampler, seed, a.trials)
-            h_dyn, s_dyn, wrong = dynastudy_path(sampler, seed, a.trials, a.out, a.concurrency)
+            h_dyn, s_dyn, wrong, ahead = dynastudy_path(sampler, seed, a.trials, a.out, a.concurrency, a.ask_ahead)
             r["optuna"].append(h_opt), r["optuna_s"].append(s_opt)
             r["dynastudy"].append(h_dyn), r["dynastudy_s"].append(s_dyn)
             r["wrong"] += wrong
-            print(f"{sampler} seed {seed}: dynastudy {h_dyn:.4f} ({s_dyn:.0f} s, {wrong} values off the table), "
+            r["asked_ahead"].append(ahead)
+            print(f"{sampler} seed {seed}: dynastudy {h_dyn:.4f} ({s_dyn:.0f} s, {wrong} values off the table, "
+                  f"{ahead} asked ahead), "
                   f"optuna {h_opt:.4f} ({s_opt:.1f} s)", flush=True)
     print(f"\nmachine: {platform.machine()}, {__import__('os').cpu_count()} CPUs, optuna {optuna.__version__}, "
           f"date {time.strftime('%Y-%m-%d')}; {a.seeds} seeds x {a.trials} trials; dynastudy concurrency "
-          f"{a.concurrency}; true front hypervolume {best:.4f}")
+          f"{a.concurrency}, ask ahead {a.ask_ahead}; true front hypervolume {best:.4f}")
     print("| sampler | path | hypervolume mean ± SE | fraction of the true front | difference (dynastudy - optuna) "
           "in SE | s per run |")
     print("|---|---|---:|---:|---:|---:|")
@@ -148,13 +155,14 @@ def main() -> None:
             print(f"| {sampler} | {path} | {m:.4f} ± {s:.4f} | {m / best:.3f} | "
                   f"{z:+.2f} | {statistics.fmean(secs):.1f} |")
             rows.append({"sampler": sampler, "path": path, "mean": m, "se": s, "fraction": m / best,
-                         "values": r[path], "seconds_mean": statistics.fmean(secs)})
+                         "values": r[path], "seconds_mean": statistics.fmean(secs),
+                         **({"asked_ahead": r["asked_ahead"]} if path == "dynastudy" else {})})
         if r["wrong"]:
             print(f"  {sampler}: {r['wrong']} dynastudy trials told Optuna values that are not the table's")
     if a.json:
         a.json.write_text(json.dumps({"true_front_hv": best, "true_front_cells": front_size,
                                       "reference": [REF_ACC, REF_LATENCY_MS], "seeds": a.seeds, "trials": a.trials,
-                                      "concurrency": a.concurrency, "rows": rows,
+                                      "concurrency": a.concurrency, "ask_ahead": a.ask_ahead, "rows": rows,
                                       "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform()},
                                      indent=1))
 

@@ -30,14 +30,15 @@ import time
 from pathlib import Path
 
 
-def run(trials: int, duration: float, concurrency: int, out: Path, sampler: str, cpus: float) -> dict:
+def run(trials: int, duration: float, concurrency: int, out: Path, sampler: str, cpus: float,
+        ask_ahead: str = "auto") -> dict:
     from study.cli import main
     from study.tracking import TAG_KIND, Tracker
 
     if out.exists():
         shutil.rmtree(out)
     args = ["sweep", "--method", "nb201", "--study", "overhead", "--trials", str(trials), "--concurrency",
-            str(concurrency), "--cpus-per-trial", str(cpus), "--sampler", sampler,
+            str(concurrency), "--cpus-per-trial", str(cpus), "--sampler", sampler, "--ask-ahead", ask_ahead,
             "--set", f"model.sim_seconds={duration}", "--results-dir", str(out)]
     log = io.StringIO()
     t0 = time.perf_counter()
@@ -55,6 +56,7 @@ def run(trials: int, duration: float, concurrency: int, out: Path, sampler: str,
 
     fig = {
         "trials": trials, "duration_s": duration, "concurrency": concurrency, "sampler": sampler,
+        "ask_ahead": ask_ahead, "asked_ahead": m.get("trials_asked_ahead"), "optuna_ahead_s": m.get("optuna_ahead_s"),
         "finished_runs": sum(r.info.status == "FINISHED" for r in runs), "minimum_s": minimum,
         "wall_s": wall, "sweep_s": m["sweep_time_s"],
         "overhead_total_pct": 100 * (wall - minimum) / minimum,
@@ -125,6 +127,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--sampler", default="tpe")
+    p.add_argument("--ask-ahead", default="auto", help="dynastudy's --ask-ahead (auto, on, off)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--floor", action="store_true", help="also run the same trials through plain Ray Tune")
     p.add_argument("--json", type=Path)
@@ -134,18 +137,20 @@ def main() -> None:
         if a.floor:
             floors.append(ray_floor(n, a.duration, a.concurrency, a.out / f"floor{n}"))
             print(json.dumps({"ray_floor": floors[-1]}), flush=True)
-        fig = run(n, a.duration, a.concurrency, a.out / f"n{n}", a.sampler, a.cpus_per_trial)
+        fig = run(n, a.duration, a.concurrency, a.out / f"n{n}", a.sampler, a.cpus_per_trial, a.ask_ahead)
         rows.append(fig)
         print(json.dumps(fig), flush=True)
     print(f"\nmachine: {platform.machine()} {platform.processor() or ''}, {__import__('os').cpu_count()} CPUs, "
           f"python {platform.python_version()}, date {time.strftime('%Y-%m-%d')}")
     print("| N | minimum | wall (command) | overhead | sweep | overhead (sweep) | per trial | Optuna suggest + tell "
-          "| trial: open run (waited) | trial: end wait | trial: fit (sleep incl.) | hand-over |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| asked ahead (their asks) | trial: open run (waited) | trial: end wait | trial: fit (sleep incl.) "
+          "| hand-over |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['trials']} | {r['minimum_s']:.0f} s | {r['wall_s']:.1f} s | {r['overhead_total_pct']:.1f} % | "
               f"{r['sweep_s']:.1f} s | {r['overhead_sweep_pct']:.1f} % | {r['overhead_per_trial_s']:.3f} s | "
-              f"{r['optuna_suggest_s']:.1f} + {r['optuna_tell_s']:.1f} s | {r['trial_open_s_mean']:.3f} s "
+              f"{r['optuna_suggest_s']:.1f} + {r['optuna_tell_s']:.1f} s | {r['asked_ahead'] or 0:.0f} "
+              f"({r['optuna_ahead_s'] or 0:.1f} s) | {r['trial_open_s_mean']:.3f} s "
               f"({r['trial_open_wait_s_mean']:.3f} s) | {r['trial_end_wait_s_mean']:.3f} s | "
               f"{r['trial_fit_s_mean']:.3f} s | {r['handover_s_mean']:.3f} s |")
     for f in floors:

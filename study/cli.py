@@ -147,7 +147,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         gpus_per_trial=args.gpus_per_trial, max_failures=args.max_failures,
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"), choices=parse_choices(args.choice),
         storage_path=args.storage_path or os.environ.get("DYNASTUDY_STORAGE_PATH"),
-        tracking_timeout_s=args.tracking_timeout, objective=args.objective, compile=args.compile)
+        tracking_timeout_s=args.tracking_timeout, objective=args.objective, compile=args.compile,
+        ask_ahead=args.ask_ahead)
     print(f"study {spec.study}: {spec.trials} trials of {', '.join(methods)}, {spec.concurrency} at a time, "
           f"sampler {spec.sampler}, scheduler {spec.scheduler}")
     return _sweep_outcome(args, run_sweep(spec), spec.study, uri)
@@ -608,7 +609,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
-    from study.search import SAMPLERS, SCHEDULERS
+    from study.search import AHEAD_MODES, SAMPLERS, SCHEDULERS
     from trainables.config import DATASETS
     from trainables.methods import METHOD_OBJECTIVES, METHODS
 
@@ -637,6 +638,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", help="dataset folder (default: DYNASTUDY_DATA)")
     s.add_argument("--seed", type=int, help="sampler seed, and the trials' seed unless --set seed=...")
     s.add_argument("--sampler", choices=list(SAMPLERS), default="tpe")
+    s.add_argument("--ask-ahead", choices=list(AHEAD_MODES), default="auto",
+                   help="ask Optuna for the next configuration while trials run; auto: once 100 trials have ended, "
+                        "when an ask costs at least 1%% of a trial (short trials); the price is one result the "
+                        "sampler does not see")
     s.add_argument("--scheduler", choices=list(SCHEDULERS), default="fifo")
     s.add_argument("--cpus-per-trial", type=float, default=1.0)
     s.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.25")

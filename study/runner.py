@@ -22,8 +22,8 @@ from typing import Any, Sequence, TextIO
 import optuna
 
 from study import paths
-from study.search import (METRICS, MODES, OBJECTIVES_ATTR, SAMPLERS, SCHEDULERS, SweepSpace, choice_applies,
-                          for_method, is_fixed, make_sampler)
+from study.search import (AHEAD_MODES, METRICS, MODES, OBJECTIVES_ATTR, SAMPLERS, SCHEDULERS, SweepSpace,
+                          choice_applies, for_method, is_fixed, make_sampler)
 from study.storage import study_storage
 from study.tracking import (TAG_FAIL, TAG_KIND, TAG_LOST, TAG_PARENT, TAG_RESUMES, TAG_STOPPED, TAG_TRACKING,
                             TAG_TUNE_PATH, Tracker, check_reachable, redact)
@@ -61,6 +61,7 @@ class SweepSpec:
     tracking_timeout_s: float = 300.0  # how long the sweep's end waits for an unreachable tracking server
     objective: str = "macs"  # the second objective (minimised) beside val_acc: MACs, or a metric of OBJECTIVES
     compile: bool = False  # trials train through torch.compile (how a trial runs, outside the config hash)
+    ask_ahead: str = "auto"  # ask Optuna for the next configuration while trials run (study.searcher): auto|on|off
 
     # Where the sweep runs, not what it is: `dynastudy resume` takes these from its own flags.
     SERVICE_FIELDS = ("results_dir", "tracking_uri", "storage", "ray_address")
@@ -110,6 +111,7 @@ class SweepResult:
     undelivered: int = 0  # MLflow writes kept on disk because the tracking server did not answer
     trials: int = 0  # asked for
     searcher_s: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds in Optuna suggest / tell
+    asked_ahead: int = 0  # configurations that came from an ask ahead (study.searcher)
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -253,6 +255,8 @@ def validate(spec: SweepSpec) -> Plan:
         raise ConfigError(f"--max-failures={spec.max_failures} must be 0 or more")
     if spec.sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {spec.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+    if spec.ask_ahead not in AHEAD_MODES:
+        raise ConfigError(f"ask_ahead {spec.ask_ahead!r} is not valid; valid: {', '.join(AHEAD_MODES)}")
     if spec.scheduler not in SCHEDULERS:
         raise ConfigError(f"unknown scheduler {spec.scheduler!r}; valid schedulers: {', '.join(SCHEDULERS)}")
     if spec.cpus_per_trial <= 0 or spec.gpus_per_trial < 0:
@@ -485,7 +489,7 @@ def run_sweep(spec: SweepSpec, out: TextIO | None = None) -> SweepResult:
                                mode=MODES, sampler=make_sampler(spec.sampler, spec.seed + plan.existing_trials,
                                                                 spec.concurrency),
                                storage=study_storage(spec.storage), study_name=spec.study,
-                               sweep_run_id=parent)
+                               sweep_run_id=parent, ask_ahead=spec.ask_ahead, max_asks=spec.trials)
         scheduler = None
         if spec.scheduler == "asha":
             from ray.tune.schedulers import ASHAScheduler
@@ -554,6 +558,7 @@ def _drive(spec: SweepSpec, arrays, tracker: Tracker, exp_id: str, parent: str, 
         # trial the opening of its MLflow run (and the trial's wait for it), the wait for its writes at its end,
         # and its whole `fit`.
         result.searcher_s = dict(getattr(searcher, "seconds", {}))
+        result.asked_ahead = getattr(searcher, "asked_ahead", 0)
         timing = {f"optuna_{k}_s": v for k, v in result.searcher_s.items()}
         if flush_s is not None:
             timing["optuna_flush_s"] = flush_s  # the end's wait for Optuna writes still queued (study.storage)
@@ -562,6 +567,7 @@ def _drive(spec: SweepSpec, arrays, tracker: Tracker, exp_id: str, parent: str, 
             timing[f"trial_{k}_mean"] = sum(t.get(k, 0.0) for t in timed) / len(timed)
         box.metrics(parent, {"trials_complete": result.count("complete"), "trials_stopped": result.count("stopped"),
                              "trials_failed": result.count("error") + result.count("diverged"),
+                             "trials_asked_ahead": result.asked_ahead,
                              "sweep_time_s": result.seconds, **timing}, step=done)
         box.status(parent, status)
         result.undelivered = _deliver(box, spec, parent, out)

@@ -15,6 +15,7 @@ from trainables.hparams import ConfigError
 
 SAMPLERS = ("tpe", "nsga2", "random")
 SCHEDULERS = ("fifo", "asha")  # Tune trial schedulers (study/runner.py builds them)
+AHEAD_MODES = ("auto", "on", "off")  # asking Optuna ahead of a free trial slot (study/searcher.py)
 METRICS = ["val_acc", "macs"]  # a sweep's objectives by default; `--objective` may replace macs (study/runner.py)
 MODES = ["max", "min"]
 OBJECTIVES_ATTR = "dynastudy.objectives"  # Optuna study user attribute: the metrics its values are

@@ -105,20 +105,21 @@ def test_bad_config(flat, message):
 @pytest.mark.e2e
 def test_sweep_searches_accuracy_vs_latency(tmp_path, capsys):
     """A real sweep: no data directory, the Optuna study's values are each trial's table entry, and a second sweep
-    with another objective is refused."""
+    with another objective is refused. Configurations are asked for ahead (study.searcher): all but the first
+    come from an ask ahead, and none is asked beyond the sweep's trials."""
     from study.cli import main
     from study.search import config_keys
 
     res = tmp_path / "res"
     uri, storage = f"sqlite:///{res}/mlflow.db", f"sqlite:///{res}/optuna.db"  # explicit: no environment leaks in
     args = ["sweep", "--method", "nb201", "--study", "nb", "--trials", "12", "--concurrency", "2",
-            "--objective", "latency_s", "--sampler", "nsga2", "--tracking-uri", uri, "--storage", storage,
+            "--objective", "latency_s", "--sampler", "nsga2", "--ask-ahead", "on", "--tracking-uri", uri, "--storage", storage,
             "--results-dir", str(res)]
     assert main(args) == 0
     study = optuna.load_study(study_name="nb", storage=storage)
     assert study.user_attrs["dynastudy.objectives"] == ["val_acc", "latency_s"]
-    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    assert len(trials) == 12
+    trials = study.get_trials()
+    assert len(trials) == 12 and {t.state for t in trials} == {optuna.trial.TrialState.COMPLETE}
     for t in trials:
         entry = nb201.lookup(_cfg(**config_keys(t.params)).model)
         assert t.values == [pytest.approx(entry["val_acc"]), pytest.approx(entry["latency_s"])]
@@ -129,6 +130,7 @@ def test_sweep_searches_accuracy_vs_latency(tmp_path, capsys):
     (sweep,) = tracker.client.search_runs([tracker.experiment_id("nb")], filter_string=f"tags.`{TAG_KIND}` = 'sweep'")
     m = sweep.data.metrics
     assert m["optuna_suggest_s"] > 0 and m["optuna_tell_s"] > 0 and m["trials_complete"] == 12
+    assert m["trials_asked_ahead"] == 11 and m["optuna_ahead_s"] > 0
     assert min(m["trial_open_s_mean"], m["trial_fit_s_mean"], m["trial_end_wait_s_mean"]) > 0
     capsys.readouterr()
     assert main([*args, "--objective", "macs"]) == 2  # the last --objective counts

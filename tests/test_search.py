@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 
 import optuna
 import pytest
@@ -137,6 +138,104 @@ def test_close_unfinished_leaves_no_running_trial(tmp_path):
     trials = optuna.load_study(study_name="s", storage=storage).get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL"]
     assert trials[1].user_attrs["fail_reason"] == "interrupted"
+
+
+def _searcher(storage, ask_ahead, max_asks=None, space=None, sampler="random"):
+    from study.searcher import StudySearch
+
+    return StudySearch(space=space or SweepSpace(["resnet"], {}), metric=["val_acc", "macs"], mode=["max", "min"],
+                       storage=storage, study_name="s", sampler=make_sampler(sampler, 0), ask_ahead=ask_ahead,
+                       max_asks=max_asks, sweep_run_id="sweep")
+
+
+DONE = {"val_acc": 0.5, "macs": 1.0, "final": 1}
+
+
+def test_asking_ahead_hands_over_the_same_configurations_and_asks_none_beyond_the_sweep(tmp_path):
+    """With a sampler that does not learn, asking ahead changes nothing but when: the same configurations, in the
+    same order, and no Optuna trial beyond the sweep's `max_asks`."""
+    configs = {}
+    for mode in ("off", "on"):
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/{mode}.db")
+        s = _searcher(storage, mode, max_asks=4)
+        configs[mode] = [s.suggest(tid) for tid in "ab"]
+        s.on_trial_complete("a", DONE)
+        configs[mode] += [s.suggest(tid) for tid in "cd"]
+        for tid in "bcd":
+            s.on_trial_complete(tid, DONE)
+        assert s.asked_ahead == (3 if mode == "on" else 0)
+        assert s.seconds["suggest"] > 0 and (s.seconds["ahead"] > 0) == (mode == "on")
+        trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+        assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+        assert [t.user_attrs["tune_trial_id"] for t in trials] == list("abcd")
+    assert configs["on"] == configs["off"]
+
+
+def test_a_configuration_asked_ahead_and_never_run_is_closed(tmp_path):
+    """A sweep stopped early leaves its ask ahead FAIL with its reason; the searcher still pickles and saves with
+    one pending (Tune does both), and a sweep resumed from that save closes the pending one too."""
+    from study.searcher import AHEAD_REASON, StudySearch
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/o.db")
+    s = _searcher(storage, "on")
+    s.suggest("a")
+    s.on_trial_complete("a", DONE)
+    assert s.close_unfinished("interrupted") == 1
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL"]
+    assert trials[1].user_attrs["fail_reason"] == AHEAD_REASON
+
+    s = _searcher(optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/r.db"), "on")
+    s.suggest("a")  # and one asked ahead, pending
+    pickle.loads(pickle.dumps(s))
+    s.save(str(tmp_path / "searcher.pkl"))
+    resumed = StudySearch(space=SweepSpace(["resnet"], {}), metric=["val_acc", "macs"], mode=["max", "min"])
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/r.db").get_trials()
+    assert [t.state.name for t in trials] == ["RUNNING", "FAIL"]
+    assert trials[1].user_attrs["fail_reason"] == AHEAD_REASON
+
+
+def test_auto_asks_ahead_only_where_the_ask_is_a_real_share_of_a_trial():
+    """`auto`: no ask ahead before the searcher has the results of `ahead_after` trials (AHEAD_AFTER, here 1 to
+    keep the test short); then one when an ask costs at least AHEAD_SHARE of a trial (here a slow space and
+    instant trials), none when it does not (a fast space and trials of 0.5 s)."""
+    import time
+
+    from study.searcher import AHEAD_AFTER
+
+    s = _searcher(optuna.storages.InMemoryStorage(), "auto")
+    assert s.ahead_after == AHEAD_AFTER >= 100
+    for tid in "abc":  # asks cost far more than 1 % of these instant trials, but they are too few
+        s.suggest(tid)
+        s.on_trial_complete(tid, DONE)
+    assert s._ahead is None and s.asked_ahead == 0
+
+    def slow_space(trial):
+        time.sleep(0.05)
+        trial.suggest_float("x", 0.0, 1.0)
+
+    def fast_space(trial):
+        trial.suggest_float("x", 0.0, 1.0)
+
+    for space, trial_s, expect in ((slow_space, 0.0, True), (fast_space, 0.5, False)):
+        s = _searcher(optuna.storages.InMemoryStorage(), "auto", space=space)
+        s.ahead_after = 1
+        s.suggest("a")
+        assert s._ahead is None  # nothing has ended: the trials' duration is unknown
+        time.sleep(trial_s)
+        s.on_trial_complete("a", DONE)
+        s.suggest("b")
+        assert (s._ahead is not None) == expect
+        s.close_unfinished("done")
+
+
+def test_ask_ahead_mode_is_checked():
+    from study.searcher import StudySearch
+
+    with pytest.raises(ValueError, match="ask_ahead 'sometimes' is not valid; valid: auto, on, off"):
+        StudySearch(space=SweepSpace(["resnet"], {}), metric=["val_acc", "macs"], mode=["max", "min"],
+                    ask_ahead="sometimes")
 
 
 def test_choices_are_drawn_first_and_the_space_sees_them():
