@@ -23,6 +23,7 @@ def _sweep(tmp_path, *extra):
     (["--set", "nokey"], "--set 'nokey' is not key=value"),
     (["--sampler", "cmaes"], "invalid choice: 'cmaes'"),
     (["--scheduler", "pbt"], "invalid choice: 'pbt'"),
+    (["--ask-ahead", "always"], "invalid choice: 'always' (choose from 'auto', 'on', 'off')"),
     (["--trials", "0"], "--trials=0 must be at least 1"),
     (["--tracking-uri", "http://127.0.0.1:9"], "tracking server http://127.0.0.1:9 is unreachable"),
     (["--tracking-uri", "bogus://x"], "tracking URI 'bogus://x' is not supported; valid: sqlite:"),
