@@ -196,6 +196,26 @@ def test_a_configuration_asked_ahead_and_never_run_is_closed(tmp_path):
     assert trials[1].user_attrs["fail_reason"] == AHEAD_REASON
 
 
+def test_an_ask_ahead_that_fails_closes_its_trial_and_raises_at_the_next_suggest():
+    calls = []
+
+    def space(trial):
+        calls.append(trial.number)
+        if len(calls) == 2:  # the ask ahead, in its thread
+            raise ValueError("no such value")
+        trial.suggest_float("x", 0.0, 1.0)
+
+    s = _searcher(optuna.storages.InMemoryStorage(), "on", space=space)
+    s.suggest("a")
+    with pytest.raises(ValueError, match="no such value"):
+        s.suggest("b")
+    trials = s._ot_study.get_trials()
+    assert [t.state.name for t in trials] == ["RUNNING", "FAIL"]
+    assert trials[1].user_attrs["fail_reason"] == "asked for ahead; sampling failed: ValueError: no such value"
+    assert s.close_unfinished("interrupted") == 1
+    assert [t.state.name for t in s._ot_study.get_trials()] == ["FAIL", "FAIL"]
+
+
 def test_auto_asks_ahead_only_where_the_ask_is_a_real_share_of_a_trial():
     """`auto`: no ask ahead before the searcher has the results of `ahead_after` trials (AHEAD_AFTER, here 1 to
     keep the test short); then one when an ask costs at least AHEAD_SHARE of a trial (here a slow space and
