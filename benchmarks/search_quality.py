@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import optuna
 
+from study.search import AHEAD_MODES
+
 REF_ACC, REF_LATENCY_MS = 0.70, 26.0
 SAMPLERS = ("random", "tpe", "nsga2")
 
@@ -110,7 +112,7 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=100)
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
-    p.add_argument("--ask-ahead", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--ask-ahead", default="auto", choices=AHEAD_MODES)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--json", type=Path)
     a = p.parse_args()

@@ -29,6 +29,8 @@ import shutil
 import time
 from pathlib import Path
 
+from study.search import AHEAD_MODES
+
 
 def run(trials: int, duration: float, concurrency: int, out: Path, sampler: str, cpus: float,
         ask_ahead: str = "auto") -> dict:
@@ -127,7 +129,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--sampler", default="tpe")
-    p.add_argument("--ask-ahead", default="auto", choices=("auto", "on", "off"), help="dynastudy sweep --ask-ahead")
+    p.add_argument("--ask-ahead", default="auto", choices=AHEAD_MODES, help="dynastudy sweep --ask-ahead")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--floor", action="store_true", help="also run the same trials through plain Ray Tune")
     p.add_argument("--json", type=Path)

@@ -25,6 +25,7 @@ AHEAD_AFTER trials, so the one it does not see is at most 1 % of what it knows.
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 
@@ -68,6 +69,13 @@ class _Ahead:
 class StudySearch(OptunaSearch):
     """OptunaSearch that tells Optuna PRUNED for early-stopped trials and FAIL for diverged ones."""
 
+    # Class defaults: a searcher pickled by an earlier version (`dynastudy resume`) lacks these attributes.
+    ask_ahead = "off"
+    max_asks: int | None = None
+    asked_ahead = 0
+    ahead_after = AHEAD_AFTER
+    _ahead: _Ahead | None = None
+
     def __init__(self, *args, sweep_run_id: str | None = None, ask_ahead: str = "off",
                  max_asks: int | None = None, **kwargs) -> None:
         if ask_ahead not in AHEAD_MODES:
@@ -81,10 +89,12 @@ class StudySearch(OptunaSearch):
         self.ask_ahead = ask_ahead
         self.max_asks = max_asks  # the sweep's trials: no ask ahead beyond them (it would never run)
         self.asked_ahead = 0  # configurations handed over from an ask ahead
-        self.ahead_after = AHEAD_AFTER
-        self._ahead: _Ahead | None = None
+        self._new_costs()
+
+    def _new_costs(self) -> None:
+        """What `auto` decides on: when each running trial was asked for, and the asks' and trials' durations."""
         self._asked_at: dict[str, float] = {}
-        self._cost = {"asks": 0, "ask_s": 0.0, "trials": 0, "trial_s": 0.0}  # for `auto`
+        self._cost = {"asks": 0, "ask_s": 0.0, "trials": 0, "trial_s": 0.0}
 
     # Tune pickles the searcher (building the Tuner) and saves its __dict__ (`save`): a pending ask is waited
     # for and left out; its Optuna trial stays RUNNING and `fail_orphans` closes it if the sweep is resumed.
@@ -103,11 +113,10 @@ class StudySearch(OptunaSearch):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._ahead = None
+        if "_cost" not in state:
+            self._new_costs()
 
     def save(self, checkpoint_path: str) -> None:
-        import pickle
-
         with open(checkpoint_path, "wb") as f:
             pickle.dump(self._state(), f)
 
@@ -135,7 +144,7 @@ class StudySearch(OptunaSearch):
         if ahead is not None and trial_id not in self._ot_trials:
             # Its configuration was sampled in the thread: OptunaSearch's define-by-run reads it back.
             self._ot_trials[trial_id] = ahead
-            self.asked_ahead = getattr(self, "asked_ahead", 0) + 1
+            self.asked_ahead += 1
         params = super().suggest(trial_id)
         if ahead is None:
             self._cost_of("ask", time.perf_counter() - t0)
@@ -144,7 +153,7 @@ class StudySearch(OptunaSearch):
             ot_trial.set_user_attr("sweep_run_id", self.sweep_run_id)
             ot_trial.set_user_attr("tune_trial_id", trial_id)
         if params is not None:
-            self.__dict__.setdefault("_asked_at", {})[trial_id] = time.monotonic()
+            self._asked_at[trial_id] = time.monotonic()
             if self._should_ask_ahead():
                 self._ahead = _Ahead(self._ask_one)
         return params
@@ -161,7 +170,7 @@ class StudySearch(OptunaSearch):
         return ot_trial
 
     def _take_ahead(self):
-        ahead, self._ahead = getattr(self, "_ahead", None), None
+        ahead, self._ahead = self._ahead, None
         if ahead is None:
             return None
         try:
@@ -170,30 +179,27 @@ class StudySearch(OptunaSearch):
             self._spent("ahead", seconds=ahead.seconds)
             self._cost_of("ask", ahead.seconds)
 
-    def _costs(self) -> dict:
-        # setdefault: a searcher pickled by an earlier version has none
-        return self.__dict__.setdefault("_cost", {"asks": 0, "ask_s": 0.0, "trials": 0, "trial_s": 0.0})
-
     def _cost_of(self, what: str, seconds: float) -> None:
-        cost = self._costs()
-        cost[f"{what}s"] += 1
-        cost[f"{what}_s"] += seconds
+        self._cost[f"{what}s"] += 1
+        self._cost[f"{what}_s"] += seconds
 
     def _should_ask_ahead(self) -> bool:
-        mode = getattr(self, "ask_ahead", "off")
-        limit = getattr(self, "max_asks", None)
-        if mode == "off" or not callable(self._space) or (limit is not None and len(self._ot_trials) >= limit):
+        limit = self.max_asks
+        if self.ask_ahead == "off" or not callable(self._space) or (limit is not None and
+                                                                   len(self._ot_trials) >= limit):
             return False
-        if mode == "on":
+        if self.ask_ahead == "on":
             return True
-        cost = self._costs()
-        if cost["trials"] < max(1, getattr(self, "ahead_after", AHEAD_AFTER)) or not cost["asks"]:
+        cost = self._cost
+        if cost["trials"] < max(1, self.ahead_after) or not cost["asks"]:
             return False  # too few results to spare one (or no trial has ended: its duration is unknown)
         return cost["ask_s"] / cost["asks"] >= AHEAD_SHARE * cost["trial_s"] / cost["trials"]
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         self.restored = True
+        if "_cost" not in self.__dict__:
+            self._new_costs()
         self._asked_at = {}  # another process's monotonic clock: those trials' durations are unknown here
         self._ahead = None
         self.fail_orphans()
@@ -226,7 +232,7 @@ class StudySearch(OptunaSearch):
             self._spent("tell", t0)
 
     def _complete(self, trial_id: str, result: dict | None, error: bool) -> None:
-        asked_at = self.__dict__.setdefault("_asked_at", {}).pop(trial_id, None)
+        asked_at = self._asked_at.pop(trial_id, None)
         if asked_at is not None:
             self._cost_of("trial", time.monotonic() - asked_at)
         ot_trial = self._ot_trials.get(trial_id)

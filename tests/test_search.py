@@ -252,7 +252,6 @@ def test_auto_asks_ahead_only_where_the_ask_is_a_real_share_of_a_trial():
 
 def test_ask_ahead_mode_is_checked(tmp_path):
     from study.runner import SweepSpec, validate
-    from study.searcher import StudySearch
 
     spec = SweepSpec(study="s", methods=("resnet",), trials=1, fixed={"data.dataset": "synthetic"},
                      results_dir=tmp_path, tracking_uri=f"sqlite:///{tmp_path}/m.db",
@@ -262,8 +261,7 @@ def test_ask_ahead_mode_is_checked(tmp_path):
     assert not list(tmp_path.iterdir())
 
     with pytest.raises(ValueError, match="ask_ahead 'sometimes' is not valid; valid: auto, on, off"):
-        StudySearch(space=SweepSpace(["resnet"], {}), metric=["val_acc", "macs"], mode=["max", "min"],
-                    ask_ahead="sometimes")
+        _searcher(optuna.storages.InMemoryStorage(), "sometimes")
 
 
 def test_choices_are_drawn_first_and_the_space_sees_them():
