@@ -12,6 +12,7 @@ table's slowest cell is 25.6 ms), in accuracy x milliseconds, and compared with 
 of the whole table. Every dynastudy trial's Optuna values are also checked against the table.
 
     python benchmarks/search_quality.py --seeds 10 --trials 100 --out /tmp/search-quality [--json r.json]
+    python benchmarks/search_quality.py --paths optuna --samplers random nsga2 --population 20 --seeds 20 --out /tmp/q
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 
-from study.search import AHEAD_MODES
+from study.search import AHEAD_MODES, nsga2_population
 
 REF_ACC, REF_LATENCY_MS = 0.70, 26.0
 SAMPLERS = ("random", "tpe", "nsga2")
@@ -57,11 +58,12 @@ def lookup(params: dict) -> dict:
     return nb201.lookup(TrialConfig.from_flat({"method": "nb201", **config_keys(params)}).model)
 
 
-def plain_optuna(sampler: str, seed: int, trials: int) -> tuple[float, float]:
+def plain_optuna(sampler: str, seed: int, trials: int, population: int | None) -> tuple[float, float]:
     from study.search import SweepSpace, make_sampler
 
     space = SweepSpace(["nb201"], {"method": "nb201"})
-    study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(sampler, seed))
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=make_sampler(sampler, seed, trials=trials, population=population))
 
     def objective(trial):
         space(trial)
@@ -74,8 +76,8 @@ def plain_optuna(sampler: str, seed: int, trials: int) -> tuple[float, float]:
     return hv(vals[:, 0], vals[:, 1] * 1e3), time.perf_counter() - t0
 
 
-def dynastudy_path(sampler: str, seed: int, trials: int, out: Path, concurrency: int,
-                   ask_ahead: str) -> tuple[float, float, int, int]:
+def dynastudy_path(sampler: str, seed: int, trials: int, out: Path, concurrency: int, ask_ahead: str,
+                   population: int | None) -> tuple[float, float, int, int]:
     import contextlib
     import io
 
@@ -85,7 +87,7 @@ def dynastudy_path(sampler: str, seed: int, trials: int, out: Path, concurrency:
     spec = SweepSpec(study=name, methods=("nb201",), trials=trials, fixed={"method": "nb201"}, results_dir=out,
                      tracking_uri=f"sqlite:///{out}/mlflow.db", storage=f"sqlite:///{out}/optuna.db",
                      concurrency=concurrency, sampler=sampler, seed=seed, objective="latency_s",
-                     ask_ahead=ask_ahead)
+                     ask_ahead=ask_ahead, population=population if sampler == "nsga2" else None)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         result = run_sweep(spec)
@@ -113,6 +115,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
     p.add_argument("--ask-ahead", default="auto", choices=AHEAD_MODES)
+    p.add_argument("--population", type=int, help="NSGA-II's population (default: the platform's, sized to --trials)")
+    p.add_argument("--paths", nargs="+", default=["dynastudy", "optuna"], choices=["dynastudy", "optuna"])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--json", type=Path)
     a = p.parse_args()
@@ -123,8 +127,9 @@ def main() -> None:
 
     from study.runner import _local_ray_env, init_ray
 
-    _local_ray_env()
-    init_ray(None)  # one local Ray for every run: run_sweep leaves a Ray it did not start running
+    if "dynastudy" in a.paths:
+        _local_ray_env()
+        init_ray(None)  # one local Ray for every run: run_sweep leaves a Ray it did not start running
     best, front_size = true_front_hv()
     print(f"true front: {front_size} cells, hypervolume {best:.4f} (accuracy x ms) against "
           f"(val_acc {REF_ACC}, latency {REF_LATENCY_MS} ms)", flush=True)
@@ -133,27 +138,34 @@ def main() -> None:
         r = runs.setdefault(sampler, {"dynastudy": [], "optuna": [], "dynastudy_s": [], "optuna_s": [], "wrong": 0,
                                       "asked_ahead": []})
         for seed in range(a.seeds):
-            h_opt, s_opt = plain_optuna(sampler, seed, a.trials)
-            h_dyn, s_dyn, wrong, ahead = dynastudy_path(sampler, seed, a.trials, a.out, a.concurrency, a.ask_ahead)
-            r["optuna"].append(h_opt), r["optuna_s"].append(s_opt)
-            r["dynastudy"].append(h_dyn), r["dynastudy_s"].append(s_dyn)
-            r["wrong"] += wrong
-            r["asked_ahead"].append(ahead)
-            print(f"{sampler} seed {seed}: dynastudy {h_dyn:.4f} ({s_dyn:.0f} s, {wrong} values off the table, "
-                  f"{ahead} asked ahead), "
-                  f"optuna {h_opt:.4f} ({s_opt:.1f} s)", flush=True)
+            line = f"{sampler} seed {seed}:"
+            if "dynastudy" in a.paths:
+                h_dyn, s_dyn, wrong, ahead = dynastudy_path(sampler, seed, a.trials, a.out, a.concurrency,
+                                                            a.ask_ahead, a.population)
+                r["dynastudy"].append(h_dyn), r["dynastudy_s"].append(s_dyn)
+                r["wrong"] += wrong
+                r["asked_ahead"].append(ahead)
+                line += f" dynastudy {h_dyn:.4f} ({s_dyn:.0f} s, {wrong} values off the table, {ahead} asked ahead)"
+            if "optuna" in a.paths:
+                h_opt, s_opt = plain_optuna(sampler, seed, a.trials, a.population)
+                r["optuna"].append(h_opt), r["optuna_s"].append(s_opt)
+                line += f" optuna {h_opt:.4f} ({s_opt:.1f} s)"
+            print(line, flush=True)
     print(f"\nmachine: {platform.machine()}, {__import__('os').cpu_count()} CPUs, optuna {optuna.__version__}, "
           f"date {time.strftime('%Y-%m-%d')}; {a.seeds} seeds x {a.trials} trials; dynastudy concurrency "
-          f"{a.concurrency}, ask ahead {a.ask_ahead}; true front hypervolume {best:.4f}")
+          f"{a.concurrency}, ask ahead {a.ask_ahead}, NSGA-II population "
+          f"{nsga2_population(a.trials, a.population)}; true front hypervolume {best:.4f}")
     print("| sampler | path | hypervolume mean ± SE | fraction of the true front | difference (dynastudy - optuna) "
           "in SE | s per run |")
     print("|---|---|---:|---:|---:|---:|")
     rows = []
     for sampler, r in runs.items():
-        md, sd = mean_se(r["dynastudy"])
-        mo, so = mean_se(r["optuna"])
+        md, sd = mean_se(r["dynastudy"]) if r["dynastudy"] else (float("nan"),) * 2
+        mo, so = mean_se(r["optuna"]) if r["optuna"] else (float("nan"),) * 2
         z = (md - mo) / math.hypot(sd, so) if sd == sd and so == so and (sd or so) else float("nan")
         for path, m, s, secs in (("dynastudy", md, sd, r["dynastudy_s"]), ("optuna", mo, so, r["optuna_s"])):
+            if path not in a.paths:
+                continue
             print(f"| {sampler} | {path} | {m:.4f} ± {s:.4f} | {m / best:.3f} | "
                   f"{z:+.2f} | {statistics.fmean(secs):.1f} |")
             rows.append({"sampler": sampler, "path": path, "mean": m, "se": s, "fraction": m / best,
@@ -161,10 +173,19 @@ def main() -> None:
                          **({"asked_ahead": r["asked_ahead"]} if path == "dynastudy" else {})})
         if r["wrong"]:
             print(f"  {sampler}: {r['wrong']} dynastudy trials told Optuna values that are not the table's")
+    if "random" in runs:  # seed for seed against random search, on each path ("must beat random search")
+        for sampler, r in runs.items():
+            for path in a.paths if sampler != "random" else ():
+                d = [x - y for x, y in zip(r[path], runs["random"][path])]
+                m, s = mean_se(d)
+                print(f"{sampler} - random, {path} path, seed for seed: {m:+.4f} ± {s:.4f} ({m / s:+.2f} SE), "
+                      f"higher in {sum(x > 0 for x in d)} of {len(d)} seeds")
     if a.json:
         a.json.write_text(json.dumps({"true_front_hv": best, "true_front_cells": front_size,
                                       "reference": [REF_ACC, REF_LATENCY_MS], "seeds": a.seeds, "trials": a.trials,
-                                      "concurrency": a.concurrency, "ask_ahead": a.ask_ahead, "rows": rows,
+                                      "paths": a.paths, "concurrency": a.concurrency, "ask_ahead": a.ask_ahead,
+                                      "rows": rows,
+                                      "nsga2_population": nsga2_population(a.trials, a.population),
                                       "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform()},
                                      indent=1))
 

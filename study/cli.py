@@ -148,9 +148,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"), choices=parse_choices(args.choice),
         storage_path=args.storage_path or os.environ.get("DYNASTUDY_STORAGE_PATH"),
         tracking_timeout_s=args.tracking_timeout, objective=args.objective, compile=args.compile,
-        ask_ahead=args.ask_ahead)
+        ask_ahead=args.ask_ahead, population=args.population)
+    population = f" (population {spec.summary()['population']})" if spec.sampler == "nsga2" else ""
     print(f"study {spec.study}: {spec.trials} trials of {', '.join(methods)}, {spec.concurrency} at a time, "
-          f"sampler {spec.sampler}, scheduler {spec.scheduler}")
+          f"sampler {spec.sampler}{population}, scheduler {spec.scheduler}")
     return _sweep_outcome(args, run_sweep(spec), spec.study, uri)
 
 
@@ -638,6 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", help="dataset folder (default: DYNASTUDY_DATA)")
     s.add_argument("--seed", type=int, help="sampler seed, and the trials' seed unless --set seed=...")
     s.add_argument("--sampler", choices=list(SAMPLERS), default="tpe")
+    s.add_argument("--population", type=int,
+                   help="NSGA-II's population (--sampler nsga2); default: a tenth of --trials, within 4..50")
     s.add_argument("--ask-ahead", choices=list(AHEAD_MODES), default="auto",
                    help="ask Optuna for the next configuration while trials run; auto: once 100 trials have ended, "
                         "when an ask costs at least 1%% of a trial (short trials); the price is one result the "

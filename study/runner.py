@@ -23,7 +23,7 @@ import optuna
 
 from study import paths
 from study.search import (AHEAD_MODES, METRICS, MODES, OBJECTIVES_ATTR, SAMPLERS, SCHEDULERS, SweepSpace,
-                          choice_applies, for_method, is_fixed, make_sampler)
+                          choice_applies, for_method, is_fixed, make_sampler, nsga2_population)
 from study.storage import study_storage
 from study.tracking import (TAG_FAIL, TAG_KIND, TAG_LOST, TAG_PARENT, TAG_RESUMES, TAG_STOPPED, TAG_TRACKING,
                             TAG_TUNE_PATH, Tracker, check_reachable, redact)
@@ -62,6 +62,7 @@ class SweepSpec:
     objective: str = "macs"  # the second objective (minimised) beside val_acc: MACs, or a metric of OBJECTIVES
     compile: bool = False  # trials train through torch.compile (how a trial runs, outside the config hash)
     ask_ahead: str = "auto"  # ask Optuna for the next configuration while trials run (study.searcher): auto|on|off
+    population: int | None = None  # NSGA-II's population; None: sized to the trials (study.search.nsga2_population)
 
     # Where the sweep runs, not what it is: `dynastudy resume` takes these from its own flags.
     SERVICE_FIELDS = ("results_dir", "tracking_uri", "storage", "ray_address")
@@ -87,6 +88,10 @@ class SweepSpec:
         out["storage"], out["tracking_uri"] = redact(self.storage), redact(self.tracking_uri)  # logged as params
         out.update({f"fixed.{k}": v for k, v in self.fixed.items()})
         out.update({f"choice.{k}": ",".join(map(str, v)) for k, v in self.choices.items()})
+        if self.sampler == "nsga2":  # the population the sampler runs with, not None
+            out["population"] = nsga2_population(self.trials, self.population)
+        else:
+            del out["population"]
         return out
 
 
@@ -255,6 +260,12 @@ def validate(spec: SweepSpec) -> Plan:
         raise ConfigError(f"--max-failures={spec.max_failures} must be 0 or more")
     if spec.sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {spec.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+    if spec.population is not None:
+        if spec.sampler != "nsga2":
+            raise ConfigError(f"--population={spec.population} is NSGA-II's; it needs --sampler nsga2, not "
+                              f"{spec.sampler}")
+        if spec.population < 2:
+            raise ConfigError(f"--population={spec.population} must be at least 2")
     if spec.ask_ahead not in AHEAD_MODES:
         raise ConfigError(f"ask_ahead {spec.ask_ahead!r} is not valid; valid: {', '.join(AHEAD_MODES)}")
     if spec.scheduler not in SCHEDULERS:
@@ -487,7 +498,7 @@ def run_sweep(spec: SweepSpec, out: TextIO | None = None) -> SweepResult:
         searcher = StudySearch(space=SweepSpace(spec.methods, spec.fixed, spec.choices),
                                metric=objective_names(spec.objective),
                                mode=MODES, sampler=make_sampler(spec.sampler, spec.seed + plan.existing_trials,
-                                                                spec.concurrency),
+                                                                spec.concurrency, spec.trials, spec.population),
                                storage=study_storage(spec.storage), study_name=spec.study,
                                sweep_run_id=parent, ask_ahead=spec.ask_ahead, max_asks=spec.trials)
         scheduler = None

@@ -20,17 +20,33 @@ METRICS = ["val_acc", "macs"]  # a sweep's objectives by default; `--objective` 
 MODES = ["max", "min"]
 OBJECTIVES_ATTR = "dynastudy.objectives"  # Optuna study user attribute: the metrics its values are
 
+# NSGA-II's population by default: a tenth of the sweep's trials (ten generations), within [4, Optuna's 50].
+# Optuna's fixed 50 makes a 100-trial sweep two generations, the first of them random, and measured on NAS-Bench-201
+# that is no better than random search; 10 beats it by 3.6 standard errors (BENCHMARKS.md, search quality).
+NSGA2_GENERATIONS, NSGA2_MIN_POPULATION, NSGA2_MAX_POPULATION = 10, 4, 50
+
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 
 
-def make_sampler(name: str, seed: int | None, concurrency: int = 1) -> optuna.samplers.BaseSampler:
-    """The sampler `name`. With trials running in parallel, TPE treats the running ones as bad results of their
-    configurations (`constant_liar`), so parallel suggestions spread out instead of repeating what is already
-    running; sequentially it is plain TPE (benchmarks/search_quality.py measures both)."""
+def nsga2_population(trials: int, population: int | None = None) -> int:
+    """NSGA-II's population for a sweep of `trials` trials: `population` when the user gave one."""
+    if population is not None:
+        return population
+    return max(NSGA2_MIN_POPULATION, min(NSGA2_MAX_POPULATION, trials // NSGA2_GENERATIONS))
+
+
+def make_sampler(name: str, seed: int | None, concurrency: int = 1, trials: int | None = None,
+                 population: int | None = None) -> optuna.samplers.BaseSampler:
+    """The sampler `name` for a sweep of `trials` trials. With trials running in parallel, TPE treats the running
+    ones as bad results of their configurations (`constant_liar`), so parallel suggestions spread out instead of
+    repeating what is already running; sequentially it is plain TPE (benchmarks/search_quality.py measures both).
+    NSGA-II's population is `population`, else sized to the budget (`nsga2_population`); Optuna's 50 without one."""
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, constant_liar=concurrency > 1)
     if name == "nsga2":
-        return NSGAIISampler(seed=seed)
+        if population is None and trials is None:
+            return NSGAIISampler(seed=seed)
+        return NSGAIISampler(seed=seed, population_size=nsga2_population(trials or 0, population))
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ConfigError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")

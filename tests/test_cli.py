@@ -25,6 +25,8 @@ def _sweep(tmp_path, *extra):
     (["--scheduler", "pbt"], "invalid choice: 'pbt'"),
     (["--ask-ahead", "always"], "invalid choice: 'always' (choose from 'auto', 'on', 'off')"),
     (["--trials", "0"], "--trials=0 must be at least 1"),
+    (["--population", "10"], "--population=10 is NSGA-II's; it needs --sampler nsga2, not tpe"),
+    (["--sampler", "nsga2", "--population", "1"], "--population=1 must be at least 2"),
     (["--tracking-uri", "http://127.0.0.1:9"], "tracking server http://127.0.0.1:9 is unreachable"),
     (["--tracking-uri", "bogus://x"], "tracking URI 'bogus://x' is not supported; valid: sqlite:"),
     (["--tracking-uri", "file:///tmp/mlruns"], "tracking URI 'file:///tmp/mlruns' is not supported"),

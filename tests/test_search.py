@@ -84,6 +84,25 @@ def test_every_sampler_survives_pickling_and_samples_as_before(name):
     assert draws(pickle.loads(pickle.dumps(sampler))) == draws(make_sampler(name, seed=3, concurrency=2))
 
 
+def test_nsga2_population_is_sized_to_the_sweep_unless_given():
+    """Optuna's fixed 50 makes a 100-trial sweep two generations; the platform's default is ten generations."""
+    from study.runner import SweepSpec
+    from study.search import nsga2_population
+
+    assert [nsga2_population(n) for n in (1, 40, 100, 250, 1000, 10_000)] == [4, 4, 10, 25, 50, 50]
+    assert nsga2_population(100, population=30) == 30
+    assert make_sampler("nsga2", 0, trials=100).population_size == 10
+    assert make_sampler("nsga2", 0, trials=100, population=7).population_size == 7
+    assert make_sampler("nsga2", 0).population_size == 50  # no budget known: Optuna's own
+
+    def spec(sampler, population=None):
+        return SweepSpec(study="s", methods=("nb201",), trials=100, fixed={}, results_dir="/r", tracking_uri="",
+                         storage="", sampler=sampler, population=population)
+    # the sweep run records the population NSGA-II runs with; other samplers have none
+    assert spec("nsga2").summary()["population"] == 10 and spec("nsga2", 6).summary()["population"] == 6
+    assert "population" not in spec("tpe").summary()
+
+
 def test_searcher_tells_optuna_what_happened(tmp_path):
     from study.searcher import StudySearch
 
