@@ -573,6 +573,8 @@ def _drive(spec: SweepSpec, arrays, tracker: Tracker, exp_id: str, parent: str, 
         timing = {f"optuna_{k}_s": v for k, v in result.searcher_s.items()}
         if flush_s is not None:
             timing["optuna_flush_s"] = flush_s  # the end's wait for Optuna writes still queued (study.storage)
+            storage = searcher._storage  # a MirroredStorage: how many writes, in how many database transactions
+            timing.update(optuna_writes_queued=storage.queued, optuna_db_transactions=storage.writes)
         timed = [o.timing for o in outcomes if o.timing]
         for k in TRIAL_TIMING if timed else ():
             timing[f"trial_{k}_mean"] = sum(t.get(k, 0.0) for t in timed) / len(timed)

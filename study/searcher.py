@@ -41,17 +41,24 @@ AHEAD_REASON = "asked for ahead of its slot; the sweep ended before it ran"
 # end of AHEAD_AFTER trials: it then gains at least 1 % in trials per hour for at most 1 % of the results unseen.
 AHEAD_SHARE = 0.01
 AHEAD_AFTER = 100
+# An ask ahead starts this long after the `suggest` that set it off, or at once when it is taken: the driver is
+# still starting the trial it has just suggested (Tune resets the actor, ~10 ms), and a sampler holding the GIL
+# meanwhile makes that hand-over longer (BENCHMARKS.md, platform overhead).
+AHEAD_SETTLE_S = 0.025
 
 
 class _Ahead:
-    """One ask running in a thread: `take` waits for it and returns its Optuna trial (or raises its error)."""
+    """One ask running in a thread, after `settle` seconds: `take` starts it at once if it has not started, waits
+    for it and returns its Optuna trial (or raises its error)."""
 
-    def __init__(self, ask) -> None:
+    def __init__(self, ask, settle: float = 0.0) -> None:
         self.trial, self.error, self.seconds = None, None, 0.0
-        self._thread = threading.Thread(target=self._run, args=(ask,), name="optuna-ask-ahead", daemon=True)
+        self._go = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ask, settle), name="optuna-ask-ahead", daemon=True)
         self._thread.start()
 
-    def _run(self, ask) -> None:
+    def _run(self, ask, settle: float) -> None:
+        self._go.wait(settle)
         t0 = time.perf_counter()
         try:
             self.trial = ask()
@@ -60,6 +67,7 @@ class _Ahead:
         self.seconds = time.perf_counter() - t0
 
     def take(self):
+        self._go.set()
         self._thread.join()
         if self.error is not None:
             raise self.error
@@ -155,7 +163,7 @@ class StudySearch(OptunaSearch):
         if params is not None:
             self._asked_at[trial_id] = time.monotonic()
             if self._should_ask_ahead():
-                self._ahead = _Ahead(self._ask_one)
+                self._ahead = _Ahead(self._ask_one, AHEAD_SETTLE_S)
         return params
 
     # ------------------------------------------------------------------ asking ahead

@@ -269,6 +269,21 @@ def test_auto_asks_ahead_only_where_the_ask_is_a_real_share_of_a_trial():
         s.close_unfinished("done")
 
 
+def test_an_ask_ahead_waits_for_the_hand_over_unless_it_is_taken():
+    """An ask ahead starts `settle` seconds late (the driver is still starting the trial just suggested), but a
+    `suggest` that needs it at once starts it at once."""
+    import time
+
+    from study.searcher import _Ahead
+
+    started = []
+    ahead = _Ahead(lambda: started.append(time.monotonic()) or "trial", settle=600)
+    time.sleep(0.2)
+    assert not started  # still settling
+    t0 = time.monotonic()
+    assert ahead.take() == "trial" and len(started) == 1 and started[0] - t0 < 30
+
+
 def test_ask_ahead_mode_is_checked(tmp_path):
     from study.runner import SweepSpec, validate
 

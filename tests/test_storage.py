@@ -68,7 +68,8 @@ def test_database_equals_what_the_sampler_saw_and_direct_rdb(tmp_path):
     left = _drive(study, 30)
     mirrored.close()
     seen = study.get_trials(deepcopy=False)
-    assert len(seen) == 30 and mirrored.writes > 30 * 5
+    assert len(seen) == 30 and mirrored.queued > 30 * 5
+    assert mirrored.writes < mirrored.queued  # a new trial's writes queued together are one transaction
     assert _record(_on_disk(url)) == _record(seen)
     assert optuna.load_study(study_name="s", storage=url).user_attrs == {"dynastudy.objectives": ["val_acc", "macs"]}
     assert [t.state for t in _on_disk(url)][-1] == optuna.trial.TrialState.RUNNING == left[0]._cached_frozen_trial.state
@@ -76,6 +77,35 @@ def test_database_equals_what_the_sampler_saw_and_direct_rdb(tmp_path):
     direct = _study(optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/direct.db"))
     _drive(direct, 30)
     assert [t.params for t in direct.get_trials()] == [t.params for t in seen]
+
+
+@pytest.mark.parametrize("quiet", [0.0, 60.0])
+def test_writes_folded_into_creations_or_not_give_the_same_database(tmp_path, monkeypatch, quiet):
+    """The writer folds a new trial's queued writes into its creation (one transaction). With no quiet wait it
+    writes what has queued while it wrote the last (one write, or a few); with a long one, everything waits for
+    the flush and is folded. Either way the database holds what the sampler saw: numbers, states, values,
+    parameters, attributes, start times, an enqueued trial (WAITING, then RUNNING: not folded) and NSGA-II's
+    system attributes."""
+    monkeypatch.setattr(storage_lib, "QUIET_S", quiet)
+    monkeypatch.setattr(storage_lib, "MAX_HOLD_S", quiet)
+    url = _url(tmp_path)
+    mirrored = MirroredStorage(url)
+    study = optuna.create_study(storage=mirrored, study_name="s", directions=DIRECTIONS,
+                                sampler=optuna.samplers.NSGAIISampler(seed=0, population_size=4))
+    study.enqueue_trial({"op": "b", "lr": 0.01})
+    left = _drive(study, 14)
+    mirrored.flush()
+    seen = study.get_trials(deepcopy=False)
+    disk = _on_disk(url)
+    assert _record(disk) == _record(seen)
+    assert [t.system_attrs for t in disk] == [t.system_attrs for t in seen]
+    # the database stamps the start of an enqueued trial itself, when it turns RUNNING
+    assert [t.datetime_start for t in disk[1:]] == [t.datetime_start for t in seen[1:]]
+    assert all(t.datetime_complete is not None for t in disk if t.state.is_finished())
+    assert disk[0].params == {"op": "b", "lr": 0.01} and disk[-1].state == left[0]._cached_frozen_trial.state
+    if quiet:  # all in one batch: one transaction per trial, but for the enqueued one's writes once RUNNING
+        assert len(seen) < mirrored.writes < mirrored.queued / 3
+    mirrored.close()
 
 
 def test_a_finished_trial_refuses_a_second_tell_at_once(tmp_path):
