@@ -82,6 +82,8 @@ class Outbox:
         self._current: list[dict] = []  # the operations being delivered (not in _ops any more, not delivered yet)
         self._last_ts = 0  # ms of the last metrics queued
         self._spool = Path(tempfile.mkdtemp(prefix="dynastudy-outbox-"))  # copies of queued artifact files
+        # Removed once a detached outbox has delivered everything, else when the outbox is collected: a trial's
+        # actor is killed at the sweep's end, before its last outbox is collected, and left one folder per actor.
         weakref.finalize(self, shutil.rmtree, str(self._spool), True)
         # Counters for the trial's status: how many writes had to wait, for how long, and what was refused.
         self.delivered = 0
@@ -260,6 +262,8 @@ class Outbox:
                     self._cond.wait()
                 if self._closed or not self._ops:
                     self._cond.notify_all()
+                    if not self._closed:  # detached, and all went: nothing can use the spool again
+                        shutil.rmtree(self._spool, ignore_errors=True)
                     return
                 group = self._current = _take_group(self._ops)
             delivered = self._deliver_with_retry(group)

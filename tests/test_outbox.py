@@ -76,6 +76,24 @@ def test_files_written_into_a_scratch_folder_are_taken_without_a_copy(store, tmp
     assert list(box._spool.iterdir()) == []  # each file went once it arrived, then the empty folder
 
 
+def test_a_detached_outbox_removes_its_spool_once_everything_went(store, tmp_path):
+    """A trial's last outbox is detached and its actor killed at the sweep's end, before the outbox is collected:
+    its thread removes the spool itself once it has delivered everything."""
+    tracker, run = store
+    box = Outbox(tracker.client)
+    folder = box.scratch()
+    (folder / "a.txt").write_text("a")
+    box.artifact(run, folder / "a.txt", take=True)
+    box.status(run, "FINISHED")
+    spool = box._spool
+    box.detach()
+    box._thread.join(30)
+    assert not box._thread.is_alive() and box.pending == 0 and not spool.exists()
+    assert [a.path for a in tracker.client.list_artifacts(run)] == ["a.txt"]
+    with pytest.raises(RuntimeError, match="closed"):
+        box.tag(run, "k", "v")
+
+
 class CountingClient:
     """A real MLflow client that counts the calls made on it."""
 
