@@ -166,8 +166,9 @@ def main() -> None:
         for path, m, s, secs in (("dynastudy", md, sd, r["dynastudy_s"]), ("optuna", mo, so, r["optuna_s"])):
             if path not in a.paths:
                 continue
-            print(f"| {sampler} | {path} | {m:.4f} ± {s:.4f} | {m / best:.3f} | "
-                  f"{z:+.2f} | {statistics.fmean(secs):.1f} |")
+            diff = f"{z:+.2f}" if z == z else "—"  # one path run: nothing to compare
+            print(f"| {sampler} | {path} | {m:.4f} ± {s:.4f} | {m / best:.3f} | {diff} | "
+                  f"{statistics.fmean(secs):.1f} |")
             rows.append({"sampler": sampler, "path": path, "mean": m, "se": s, "fraction": m / best,
                          "values": r[path], "seconds_mean": statistics.fmean(secs),
                          **({"asked_ahead": r["asked_ahead"]} if path == "dynastudy" else {})})

@@ -161,8 +161,9 @@ def main() -> None:
               f"{f['overhead_total_pct']:.1f} % ({f['overhead_per_trial_s']:.3f} s per trial; hand-over "
               f"{f['handover_s_mean']:.3f} s)")
     if a.json:
-        a.json.write_text(json.dumps({"rows": rows, "ray_floor": floors, "machine": platform.platform(), "cpus": __import__("os").cpu_count(),
-                                      "date": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
+        a.json.write_text(json.dumps({"rows": rows, "ray_floor": floors, "machine": platform.platform(),
+                                      "cpus": __import__("os").cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M")},
+                                     indent=1))
 
 
 if __name__ == "__main__":

@@ -399,8 +399,8 @@ def _progress_callback(box, total: int, out: TextIO, outcomes: list[TrialOutcome
             if r.get("tracking"):
                 extra += f"\n    tracking: {r['tracking']}" + (
                     "; the sweep delivers the rest" if r.get("tracking_pending") else "")
-            print(f"[{self.done + len(outcomes)}/{self.total}] trial {o.trial_id} {o.method:<8} {status:<8} {acc} {macs} "
-                  f"time={o.seconds:.0f}s{extra}", file=out, flush=True)
+            print(f"[{self.done + len(outcomes)}/{self.total}] trial {o.trial_id} {o.method:<8} {status:<8} {acc} "
+                  f"{macs} time={o.seconds:.0f}s{extra}", file=out, flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._record(trial, "complete")

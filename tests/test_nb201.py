@@ -113,8 +113,8 @@ def test_sweep_searches_accuracy_vs_latency(tmp_path, capsys):
     res = tmp_path / "res"
     uri, storage = f"sqlite:///{res}/mlflow.db", f"sqlite:///{res}/optuna.db"  # explicit: no environment leaks in
     args = ["sweep", "--method", "nb201", "--study", "nb", "--trials", "12", "--concurrency", "2",
-            "--objective", "latency_s", "--sampler", "nsga2", "--ask-ahead", "on", "--tracking-uri", uri, "--storage", storage,
-            "--results-dir", str(res)]
+            "--objective", "latency_s", "--sampler", "nsga2", "--ask-ahead", "on", "--tracking-uri", uri,
+            "--storage", storage, "--results-dir", str(res)]
     assert main(args) == 0
     study = optuna.load_study(study_name="nb", storage=storage)
     assert study.user_attrs["dynastudy.objectives"] == ["val_acc", "latency_s"]
