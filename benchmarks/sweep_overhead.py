@@ -5,10 +5,11 @@ SQLite, every trial logged as usual), against the minimum N x duration / concurr
 The trials are `nb201` with `model.sim_seconds` = the duration: a table lookup, then the sleep. Reported: the
 command's wall time (Ray's start and shutdown included) and the sweep's own time (from loading to the last
 trial), the overhead in total and per trial, and where it goes: Optuna's suggest and tell on the driver (the
-sweep run's `optuna_*_s` metrics); per trial the time to open its MLflow run (in a thread, while the trial starts)
-and how long the trial waited for it, the wait at its end for its MLflow writes and its whole `fit` (the sweep
-run's `trial_*_mean` metrics); and the hand-over between two trials on one actor: from one trial's last report
-to the next trial's start (Tune's result files: each trial's `t_start`, `t_end` and process).
+sweep run's `optuna_*_s` metrics); per trial its setup before `fit`, the time to open its MLflow run (in a
+thread, while the trial starts) and how long the trial waited for it, queueing its final metrics and files, the
+wait at its end for its MLflow writes and its whole `fit` (the sweep run's `trial_*_mean` metrics, and their
+medians from Tune's result files); and the hand-over between two trials on one actor: from one trial's last
+report to the next trial's start (Tune's result files: each trial's `t_start`, `t_end` and process).
 
 The same N trials through plain Ray Tune (a function that sleeps and reports, no Optuna, no MLflow, Tune's file
 loggers off, actors reused, Ray started and stopped in the run) give Ray's own overhead on the same machine: the
@@ -26,6 +27,7 @@ import io
 import json
 import platform
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -66,9 +68,10 @@ def run(trials: int, duration: float, concurrency: int, out: Path, sampler: str,
         "overhead_per_trial_s": (wall - minimum) * concurrency / trials,
         "optuna_suggest_s": m.get("optuna_suggest_s"), "optuna_tell_s": m.get("optuna_tell_s"),
         **{k: m.get(k) for k in ("optuna_writes_queued", "optuna_db_transactions")},
-        **{k: m.get(k) for k in ("trial_open_s_mean", "trial_open_wait_s_mean", "trial_end_wait_s_mean",
-                                 "trial_fit_s_mean")},
+        **{k: m.get(k) for k in ("trial_setup_s_mean", "trial_open_s_mean", "trial_open_wait_s_mean",
+                                 "trial_final_s_mean", "trial_end_wait_s_mean", "trial_fit_s_mean")},
         "handover_s_mean": handover(out / "ray"),
+        "trial_medians_s": trial_medians(out / "ray"),
     }
     return fig
 
@@ -83,6 +86,21 @@ def handover(tune_dir: Path) -> float | None:
                 by_pid[r["pid"]].append((r["t_start"], r["t_end"]))
     gaps = [b[0] - a[1] for runs in map(sorted, by_pid.values()) for a, b in zip(runs, runs[1:])]
     return sum(gaps) / len(gaps) if gaps else None
+
+
+def trial_medians(tune_dir: Path) -> dict[str, float]:
+    """Medians of what the trials report of their own time (Tune's result files): unlike the sweep run's means,
+    not raised by each actor's first trial (its imports, the table's load)."""
+    from study.runner import TRIAL_TIMING  # not at the top: torch comes with it, and `run` times the imports
+
+    values = collections.defaultdict(list)
+    for f in tune_dir.glob("*/*/result.json"):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            for k in TRIAL_TIMING if r.get("final") else ():
+                if k in r:
+                    values[k].append(r[k])
+    return {k: statistics.median(v) for k, v in values.items()}
 
 
 def ray_floor(trials: int, duration: float, concurrency: int, out: Path) -> dict:
@@ -156,6 +174,12 @@ def main() -> None:
               f"({r['optuna_ahead_s'] or 0:.1f} s) | {r['trial_open_s_mean']:.3f} s "
               f"({r['trial_open_wait_s_mean']:.3f} s) | {r['trial_end_wait_s_mean']:.3f} s | "
               f"{r['trial_fit_s_mean']:.3f} s | {r['handover_s_mean']:.3f} s |")
+    for r in rows:  # inside the trial: the means above, and medians (each actor's first trial does not weigh)
+        med = r["trial_medians_s"]
+        print(f"N = {r['trials']}, in each trial, mean / median: setup before fit {r['trial_setup_s_mean']:.4f} / "
+              f"{med['setup_s']:.4f} s, final metrics and files queued {r['trial_final_s_mean']:.4f} / "
+              f"{med['final_s']:.4f} s, end wait {r['trial_end_wait_s_mean']:.4f} / {med['end_wait_s']:.4f} s, "
+              f"fit (sleep incl.) {r['trial_fit_s_mean']:.4f} / {med['fit_s']:.4f} s")
     for f in floors:
         print(f"plain Ray Tune, N = {f['trials']}: {f['wall_s']:.1f} s for a minimum of {f['minimum_s']:.0f} s: "
               f"{f['overhead_total_pct']:.1f} % ({f['overhead_per_trial_s']:.3f} s per trial; hand-over "

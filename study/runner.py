@@ -35,7 +35,8 @@ from trainables.methods import get_method
 
 ASHA_MAX_T = 100_000  # reports; above any trial's (epochs, or pruning levels + 1)
 SPEC_FILE = "sweep.json"  # artifact of the sweep run: the SweepSpec, for `dynastudy resume`
-TRIAL_TIMING = ("open_s", "open_wait_s", "end_wait_s", "fit_s")  # seconds a trial reports of where its time went
+# Seconds a trial reports of where its time went (trainables/tune_adapter.py), logged as means on the sweep run.
+TRIAL_TIMING = ("setup_s", "open_s", "open_wait_s", "final_s", "end_wait_s", "fit_s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +105,7 @@ class TrialOutcome:
     macs: float | None
     seconds: float
     run_id: str | None
-    timing: dict[str, float] = dataclasses.field(default_factory=dict)  # open_s, end_wait_s, fit_s (trainable)
+    timing: dict[str, float] = dataclasses.field(default_factory=dict)  # TRIAL_TIMING (trainable)
 
 
 @dataclasses.dataclass

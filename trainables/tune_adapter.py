@@ -141,6 +141,7 @@ def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays | None)
                                 final_files, final_metrics, node_name, write_config)
 
     t_start = time.time()  # wall clock: with `t_end`, the hand-over between trials (benchmarks/sweep_overhead.py)
+    started = time.perf_counter()
     bounded_http_retries()
     cfg = resolve_config(env.fixed[config["method"]], config)
     trial_id = tune.get_context().get_trial_id()
@@ -154,8 +155,8 @@ def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays | None)
                 state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
             meta = json.loads((Path(d) / META_FILE).read_text())
             box.adopt(Path(d))  # what the attempt that wrote it had not delivered yet
-    # Where a trial's time goes besides `fit` (benchmarks/sweep_overhead.py): opening its run (and how long the
-    # trial waited for that), the end's wait.
+    # Where a trial's time goes besides `fit` (benchmarks/sweep_overhead.py): its setup before `fit`, opening its
+    # run (and how long the trial waited for that), queueing its final results, the end's wait.
     timing: dict[str, float] = {}
     common = {"config_hash": cfg.config_hash(), "method": cfg.method}
     start_epoch = epoch = state["epoch"] if state else 0
@@ -237,6 +238,7 @@ def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays | None)
 
     try:
         fit_started = time.perf_counter()
+        timing["setup_s"] = fit_started - started
         tabular = getattr(get_method(cfg.method), "TABULAR", False)  # looks results up: no data to split
         reports = fit(cfg, None if tabular else make_splits(data, cfg.data), env.context, state)
         for report in reports:
@@ -248,6 +250,7 @@ def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays | None)
             box.metrics(run_id, report.metrics, step=report.epoch, skip_logged=existed)
             result = {**report.metrics, **common, "epoch": report.epoch, "final": 0}
             if report.final is not None:
+                final_at = time.perf_counter()
                 final = report.final
                 box.metrics(run_id, final_metrics(final), step=report.epoch)
                 if final.notes:
@@ -257,6 +260,7 @@ def trainable(config: dict[str, Any], env: TrialEnv, data: DatasetArrays | None)
                 result.update(final=1, test_acc=final.test_acc, macs_full=final.cost.total)
                 if final.notes:
                     result["notes"] = " | ".join(final.notes)
+                timing["final_s"] = time.perf_counter() - final_at  # its metrics and files queued
                 result.update(end("FINISHED"))
                 result.update(timing, fit_s=time.perf_counter() - fit_started, t_start=t_start, t_end=time.time())
             if result["final"] and not result.get("tracking_pending"):
