@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import shutil
 import statistics
@@ -90,21 +89,16 @@ def dynastudy(trials: int, sampler: str, out: Path) -> list[tuple[float, float, 
     import contextlib
     import io
 
+    from sweep_overhead import final_results, sweep_args
+
     _patch_driver()
     from study.cli import main
 
     with contextlib.redirect_stdout(io.StringIO()):
-        code = main(["sweep", "--method", "nb201", "--study", "handover", "--trials", str(trials), "--concurrency",
-                     "2", "--sampler", sampler, "--set", "model.sim_seconds=1", "--results-dir", str(out)])
+        code = main(sweep_args("handover", trials, 1.0, 2, sampler, out))
     if code != 0:
         raise SystemExit(f"sweep failed ({code})")
-    runs = []
-    for f in (out / "ray").glob("*/*/result.json"):
-        for line in f.read_text().splitlines():
-            r = json.loads(line)
-            if "t_start" in r and "t_end" in r:
-                runs.append((r["pid"], r["t_start"], r["t_end"], r["trial_id"]))
-    return runs
+    return [(r["pid"], r["t_start"], r["t_end"], r["trial_id"]) for r in final_results(out / "ray")]
 
 
 def plain(trials: int, parts: set[str], out: Path) -> list[tuple[float, float, str]]:

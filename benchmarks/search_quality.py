@@ -105,7 +105,9 @@ def dynastudy_path(sampler: str, seed: int, trials: int, out: Path, concurrency:
 
 
 def mean_se(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan"))
+    """Mean and standard error; NaN where there are too few values (a path not run: none)."""
+    nan = float("nan")
+    return (statistics.fmean(xs) if xs else nan), (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else nan)
 
 
 def main() -> None:
@@ -160,8 +162,7 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|")
     rows = []
     for sampler, r in runs.items():
-        md, sd = mean_se(r["dynastudy"]) if r["dynastudy"] else (float("nan"),) * 2
-        mo, so = mean_se(r["optuna"]) if r["optuna"] else (float("nan"),) * 2
+        (md, sd), (mo, so) = mean_se(r["dynastudy"]), mean_se(r["optuna"])
         z = (md - mo) / math.hypot(sd, so) if sd == sd and so == so and (sd or so) else float("nan")
         for path, m, s, secs in (("dynastudy", md, sd, r["dynastudy_s"]), ("optuna", mo, so, r["optuna_s"])):
             if path not in a.paths:

@@ -41,9 +41,8 @@ def run(trials: int, duration: float, concurrency: int, out: Path, sampler: str,
 
     if out.exists():
         shutil.rmtree(out)
-    args = ["sweep", "--method", "nb201", "--study", "overhead", "--trials", str(trials), "--concurrency",
-            str(concurrency), "--cpus-per-trial", str(cpus), "--sampler", sampler, "--ask-ahead", ask_ahead,
-            "--set", f"model.sim_seconds={duration}", "--results-dir", str(out)]
+    args = [*sweep_args("overhead", trials, duration, concurrency, sampler, out), "--cpus-per-trial", str(cpus),
+            "--ask-ahead", ask_ahead]
     log = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(log):
@@ -70,37 +69,40 @@ def run(trials: int, duration: float, concurrency: int, out: Path, sampler: str,
         **{k: m.get(k) for k in ("optuna_writes_queued", "optuna_db_transactions")},
         **{k: m.get(k) for k in ("trial_setup_s_mean", "trial_open_s_mean", "trial_open_wait_s_mean",
                                  "trial_final_s_mean", "trial_end_wait_s_mean", "trial_fit_s_mean")},
-        "handover_s_mean": handover(out / "ray"),
-        "trial_medians_s": trial_medians(out / "ray"),
+        "handover_s_mean": handover(results := final_results(out / "ray")),
+        "trial_medians_s": trial_medians(results),
     }
     return fig
 
 
-def handover(tune_dir: Path) -> float | None:
+def sweep_args(study: str, trials: int, duration: float, concurrency: int, sampler: str, out: Path) -> list[str]:
+    """`dynastudy sweep` of `trials` nb201 trials that sleep `duration` seconds (benchmarks/handover.py too)."""
+    return ["sweep", "--method", "nb201", "--study", study, "--trials", str(trials), "--concurrency",
+            str(concurrency), "--sampler", sampler, "--set", f"model.sim_seconds={duration}", "--results-dir",
+            str(out)]
+
+
+def final_results(tune_dir: Path) -> list[dict]:
+    """Each trial's final result from Tune's result files: the one with its `t_start` and `t_end`."""
+    return [r for f in tune_dir.glob("*/*/result.json") for r in map(json.loads, f.read_text().splitlines())
+            if "t_start" in r and "t_end" in r]
+
+
+def handover(results: list[dict]) -> float | None:
     """Mean time from a trial's end (its last report) to the start of the next trial on the same actor process."""
     by_pid = collections.defaultdict(list)
-    for f in tune_dir.glob("*/*/result.json"):
-        for line in f.read_text().splitlines():
-            r = json.loads(line)
-            if "t_start" in r and "t_end" in r:
-                by_pid[r["pid"]].append((r["t_start"], r["t_end"]))
+    for r in results:
+        by_pid[r["pid"]].append((r["t_start"], r["t_end"]))
     gaps = [b[0] - a[1] for runs in map(sorted, by_pid.values()) for a, b in zip(runs, runs[1:])]
     return sum(gaps) / len(gaps) if gaps else None
 
 
-def trial_medians(tune_dir: Path) -> dict[str, float]:
-    """Medians of what the trials report of their own time (Tune's result files): unlike the sweep run's means,
-    not raised by each actor's first trial (its imports, the table's load)."""
+def trial_medians(results: list[dict]) -> dict[str, float]:
+    """Medians of what the trials report of their own time: unlike the sweep run's means, not raised by each
+    actor's first trial (its imports, the table's load)."""
     from study.runner import TRIAL_TIMING  # not at the top: torch comes with it, and `run` times the imports
 
-    values = collections.defaultdict(list)
-    for f in tune_dir.glob("*/*/result.json"):
-        for line in f.read_text().splitlines():
-            r = json.loads(line)
-            for k in TRIAL_TIMING if r.get("final") else ():
-                if k in r:
-                    values[k].append(r[k])
-    return {k: statistics.median(v) for k, v in values.items()}
+    return {k: statistics.median(v) for k in TRIAL_TIMING if (v := [r[k] for r in results if k in r])}
 
 
 def ray_floor(trials: int, duration: float, concurrency: int, out: Path) -> dict:
